@@ -1,0 +1,275 @@
+//! Configuration: the embedded default, file and environment layering, validation.
+//!
+//! Loading order (later wins): `config/kalmar.toml` compiled into the binary, the file
+//! given with `--config`, then `KALMAR_*` environment variables (`KALMAR_SERVER__LISTEN`).
+//! Every struct denies unknown fields, so a typo is an error naming the key.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// The default configuration, byte for byte the repository's `config/kalmar.toml`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/kalmar.toml");
+
+/// Environment prefix: `KALMAR_SECTION__KEY`.
+pub const ENV_PREFIX: &str = "KALMAR";
+
+/// Keys whose environment value is a comma-separated list.
+const ENV_LIST_KEYS: &[&str] = &[
+    "dns.nameservers",
+    "upstream.parents",
+    "upstream.http_parents",
+    "upstream.https_parents",
+    "upstream.direct",
+    "destinations.denied_cidrs",
+    "destinations.allowed_cidrs",
+    "destinations.cluster_cidrs",
+    "destinations.connect_ports",
+    "destinations.http_ports",
+];
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub timeouts: TimeoutsConfig,
+    pub proxy: ProxyConfig,
+    pub dns: DnsConfig,
+    pub access_log: crate::access_log::AccessLogConfig,
+    /// Client source CIDR → labels (`[[sources]]`), inline or from files.
+    #[serde(default)]
+    pub sources: Vec<crate::acl::SourceEntry>,
+    /// Ordered rules, first match wins, default deny (`[[rules]]`).
+    #[serde(default)]
+    pub rules: Vec<crate::acl::RuleConfig>,
+    /// The destination guard and default ports.
+    #[serde(default)]
+    pub destinations: crate::acl::DestinationsConfig,
+    /// Per-source rate limits (`[[rate_limits]]`).
+    #[serde(default)]
+    pub rate_limits: Vec<crate::acl::RateLimitConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_connections: usize,
+    pub max_request_header_size: ByteSize,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    #[serde(with = "humantime_serde")]
+    pub request_header: Duration,
+    #[serde(with = "humantime_serde")]
+    pub client_idle: Duration,
+    #[serde(with = "humantime_serde")]
+    pub upstream_response_header: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tunnel_idle: Duration,
+    #[serde(with = "humantime_serde")]
+    pub upstream_idle: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardedFor {
+    Off,
+    On,
+    Delete,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    pub via: bool,
+    pub via_name: String,
+    pub x_forwarded_for: ForwardedFor,
+    pub allow_trace: bool,
+    pub max_idle_per_origin: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    pub nameservers: Vec<String>,
+    pub use_hosts_file: bool,
+    pub hosts: BTreeMap<String, Vec<IpAddr>>,
+    pub cache_size: u64,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// A configuration that could not be loaded; the message names the key and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("config file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+// === impl Config ===
+
+impl Config {
+    /// The embedded default plus the environment.
+    pub fn load_default() -> Result<Config, ConfigError> {
+        Self::load(None)
+    }
+
+    /// The embedded default, then `path` (if any), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        // Read the file ourselves so that a missing file is an error naming the path,
+        // never a silent fall-back to the defaults.
+        let text = match path {
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                        path: path.to_owned(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Self::from_toml_with_env(text.as_deref(), env)
+    }
+
+    /// The embedded default overlaid with `text` (TOML), without the environment.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_toml_with_env(Some(text), std::iter::empty())
+    }
+
+    fn from_toml_with_env(
+        text: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_CONFIG,
+            config::FileFormat::Toml,
+        ));
+        if let Some(text) = text {
+            builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
+        }
+        let vars: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k[ENV_PREFIX.len()..].starts_with('_'))
+            .collect();
+        let mut environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .source(Some(vars));
+        for key in ENV_LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        let merged = builder.add_source(environment).build()?;
+        let config: Config = merged.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.to_owned(),
+            message,
+        };
+        if self.server.listen == self.server.admin_listen {
+            return Err(invalid(
+                "server.admin_listen",
+                format!(
+                    "{} is also server.listen; the admin listener must be separate",
+                    self.server.admin_listen
+                ),
+            ));
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid(
+                "server.max_connections",
+                "0: must be at least 1".into(),
+            ));
+        }
+        let header = self.server.max_request_header_size.as_u64();
+        if !(1024..=1024 * 1024).contains(&header) {
+            return Err(invalid(
+                "server.max_request_header_size",
+                format!("{header} bytes: must be between 1 KiB and 1 MiB"),
+            ));
+        }
+        for (key, value) in [
+            ("timeouts.connect", self.timeouts.connect),
+            ("timeouts.request_header", self.timeouts.request_header),
+            ("timeouts.client_idle", self.timeouts.client_idle),
+            (
+                "timeouts.upstream_response_header",
+                self.timeouts.upstream_response_header,
+            ),
+            ("timeouts.tunnel_idle", self.timeouts.tunnel_idle),
+            ("timeouts.upstream_idle", self.timeouts.upstream_idle),
+            ("dns.timeout", self.dns.timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "0s: must be greater than zero".into()));
+            }
+        }
+        if self.proxy.via_name.is_empty()
+            || http::HeaderValue::from_str(&self.proxy.via_name).is_err()
+        {
+            return Err(invalid(
+                "proxy.via_name",
+                format!(
+                    "{:?}: must be a non-empty header-safe token",
+                    self.proxy.via_name
+                ),
+            ));
+        }
+        for (i, ns) in self.dns.nameservers.iter().enumerate() {
+            parse_nameserver(ns)
+                .map_err(|message| invalid(&format!("dns.nameservers[{i}]"), message))?;
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not render: {e}"))
+    }
+}
+
+/// `"10.96.0.10"`, `"10.96.0.10:53"`, `"[::1]:5353"` → socket address (port 53 by default).
+pub fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("{s:?}: not an IP address or IP:PORT"))
+}

@@ -1,0 +1,173 @@
+//! Stage 8 for plain HTTP: send the request to the origin in origin-form over a pooled
+//! keep-alive connection and stream the response back.
+//!
+//! ```text
+//! client -> kalmar:  GET http://example.com/a?b HTTP/1.1      Proxy-Connection: keep-alive
+//! kalmar -> origin:  GET /a?b HTTP/1.1   Host: example.com    Via: 1.1 kalmar
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::Proxy;
+use super::body::{ClientBody, UpstreamBody};
+use super::ctx::{ROUTE_DIRECT, RequestCtx};
+use super::headers::{RequestRewrite, rewrite_request, rewrite_response};
+use super::target::Target;
+use crate::connect::pool::{PoolKey, PooledSender};
+use crate::connect::{self, Vetted};
+use crate::error::ProxyError;
+use crate::state::Snapshot;
+
+pub async fn forward(
+    proxy: &Arc<Proxy>,
+    snap: &Arc<Snapshot>,
+    ctx: &mut RequestCtx,
+    target: &Target,
+    check: impl FnMut(IpAddr) -> Result<(), ProxyError>,
+    req: Request<Incoming>,
+) -> Result<Response<ClientBody>, ProxyError> {
+    let config = &snap.config;
+    let vetted = connect::resolve_vetted(
+        &snap.resolver,
+        &proxy.metrics,
+        &target.host,
+        target.port,
+        check,
+    )
+    .await?;
+
+    let (mut parts, body) = req.into_parts();
+    rewrite_request(
+        &mut parts.headers,
+        &RequestRewrite {
+            via: snap.via.as_ref(),
+            forwarded_for: config.proxy.x_forwarded_for,
+            client_ip: ctx.client.ip(),
+            host: &target.authority,
+        },
+    );
+    parts.uri = target.origin_form();
+    parts.version = Version::HTTP_11;
+    let mut request = Request::from_parts(
+        parts,
+        UpstreamBody::from_client(body, ctx.bytes_from_client.clone()),
+    );
+    ctx.route = Arc::from(ROUTE_DIRECT);
+
+    // A pooled connection may have been closed by the origin a moment ago; hyper hands the
+    // request back when it was not sent, and then one fresh connection is tried.
+    let mut conn = checkout_or_dial(proxy, snap, &vetted, true).await?;
+    ctx.resolved = Some(addr_of(&conn));
+    let timeout = config.timeouts.upstream_response_header;
+    let response = loop {
+        let addr = addr_of(&conn);
+        match await_response(
+            conn.sender.try_send_request(request),
+            &ctx.bytes_from_client,
+            timeout,
+        )
+        .await
+        .ok_or(ProxyError::ResponseTimeout { addr, timeout })?
+        {
+            Ok(response) => break response,
+            Err(mut err) => match err.take_message() {
+                Some(unsent) if conn.reused => {
+                    request = unsent;
+                    conn = checkout_or_dial(proxy, snap, &vetted, false).await?;
+                    ctx.resolved = Some(addr_of(&conn));
+                }
+                _ => return Err(upstream_error(addr, &err.into_error(), timeout)),
+            },
+        }
+    };
+
+    let (mut parts, body) = response.into_parts();
+    rewrite_response(&mut parts.headers, snap.via.as_ref());
+    parts.version = Version::HTTP_11;
+    Ok(Response::from_parts(
+        parts,
+        ClientBody::upstream(body, conn),
+    ))
+}
+
+/// Wait for the response head. The timeout counts time without progress: while the
+/// client's body is still flowing upstream, the origin is not late yet.
+async fn await_response<F: std::future::Future>(
+    send: F,
+    uploaded: &std::sync::atomic::AtomicU64,
+    timeout: std::time::Duration,
+) -> Option<F::Output> {
+    let mut send = std::pin::pin!(send);
+    let mut seen = uploaded.load(std::sync::atomic::Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            out = &mut send => return Some(out),
+            _ = tokio::time::sleep(timeout) => {
+                let now = uploaded.load(std::sync::atomic::Ordering::Relaxed);
+                if now == seen {
+                    return None;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+fn addr_of(conn: &PooledSender) -> SocketAddr {
+    match &conn.key {
+        PoolKey::Origin(addr) => *addr,
+        PoolKey::Parent(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+    }
+}
+
+/// An idle pooled connection to one of the vetted addresses, or a new one.
+async fn checkout_or_dial(
+    proxy: &Arc<Proxy>,
+    snap: &Snapshot,
+    vetted: &Vetted,
+    allow_pooled: bool,
+) -> Result<PooledSender, ProxyError> {
+    if allow_pooled {
+        for addr in &vetted.addrs {
+            if let Some(conn) = proxy.pool.checkout(&PoolKey::Origin(*addr)) {
+                return Ok(conn);
+            }
+        }
+    }
+    let (stream, addr) =
+        connect::dial(vetted, snap.config.timeouts.connect, &proxy.metrics).await?;
+    let (sender, connection) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProxyError::ConnectFailed {
+            addr,
+            reason: e.to_string(),
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(%addr, error = %e, "origin connection ended with an error");
+        }
+    });
+    Ok(proxy.pool.fresh(PoolKey::Origin(addr), sender))
+}
+
+fn upstream_error(addr: SocketAddr, e: &hyper::Error, timeout: std::time::Duration) -> ProxyError {
+    if e.is_timeout() {
+        ProxyError::ResponseTimeout { addr, timeout }
+    } else if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        ProxyError::BadResponse {
+            addr,
+            reason: "connection closed before a complete response head".into(),
+        }
+    } else {
+        ProxyError::BadResponse {
+            addr,
+            reason: e.to_string(),
+        }
+    }
+}

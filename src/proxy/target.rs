@@ -1,0 +1,221 @@
+//! Stage 4: what the client asked for — a CONNECT authority or an absolute-form URI.
+//!
+//! ```text
+//! CONNECT example.com:443 HTTP/1.1        -> Target { host: example.com, port: 443, Connect }
+//! GET http://user@Example.COM./a?b HTTP/1.1 -> Target { host: example.com, port: 80, Http },
+//!                                            forwarded as "GET /a?b" with "Host: example.com"
+//! GET /a HTTP/1.1                           -> 400 not-proxy-request (origin-form: not a proxy request)
+//! ```
+//! The host goes through `acl::normalize_host`, so every spelling of an address (decimal,
+//! hex, octal IPv4, percent-encoding, trailing dot, case) reaches the ACL as one value.
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Uri};
+
+use crate::acl::{Host, Protocol, normalize_host};
+use crate::error::ProxyError;
+
+/// The parsed destination of one request.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: Host,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// `host[:port]` as sent on the wire to the origin (Host header, CONNECT line).
+    pub authority: String,
+    /// Origin-form path and query for plain HTTP ("/" when empty).
+    pub path_and_query: Option<PathAndQuery>,
+}
+
+// === impl Target ===
+
+impl Target {
+    pub fn from_request(method: &Method, uri: &Uri) -> Result<Target, ProxyError> {
+        if method == Method::CONNECT {
+            return Self::connect(uri);
+        }
+        match uri.scheme() {
+            None => Err(ProxyError::NotProxyRequest(uri.to_string())),
+            Some(s) if *s == Scheme::HTTP => Self::http(uri),
+            Some(s) if *s == Scheme::HTTPS => Err(ProxyError::Unsupported(format!(
+                "{uri}: https:// URLs go through a CONNECT tunnel (set HTTPS_PROXY), not a plain request"
+            ))),
+            Some(s) => Err(ProxyError::Unsupported(format!("URL scheme {s:?}"))),
+        }
+    }
+
+    fn connect(uri: &Uri) -> Result<Target, ProxyError> {
+        // CONNECT takes authority-form only: no scheme, no path.
+        if uri.scheme().is_some()
+            || uri
+                .path_and_query()
+                .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+        {
+            return Err(ProxyError::Malformed(format!(
+                "CONNECT target {uri} is not host:port"
+            )));
+        }
+        let authority = uri.authority().ok_or_else(|| {
+            ProxyError::Malformed(format!("CONNECT target {uri} is not host:port"))
+        })?;
+        let port = authority.port_u16().ok_or_else(|| {
+            ProxyError::Malformed(format!("CONNECT target {authority} has no port"))
+        })?;
+        let host = host_of(authority)?;
+        Ok(Target {
+            authority: wire_authority(&host, port, None),
+            host,
+            port,
+            protocol: Protocol::Connect,
+            path_and_query: None,
+        })
+    }
+
+    fn http(uri: &Uri) -> Result<Target, ProxyError> {
+        let authority = uri
+            .authority()
+            .ok_or_else(|| ProxyError::Malformed(format!("URL {uri} has no host")))?;
+        if authority.port().is_some() && authority.port_u16().is_none() {
+            return Err(ProxyError::Malformed(format!(
+                "URL {uri} has an invalid port"
+            )));
+        }
+        let port = authority.port_u16().unwrap_or(80);
+        if port == 0 {
+            return Err(ProxyError::Malformed(format!("URL {uri} has port 0")));
+        }
+        let host = host_of(authority)?;
+        let path_and_query = Some(
+            uri.path_and_query()
+                .filter(|p| !p.as_str().is_empty())
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        Ok(Target {
+            authority: wire_authority(&host, port, Some(80)),
+            host,
+            port,
+            protocol: Protocol::Http,
+            path_and_query,
+        })
+    }
+
+    /// The URL as logged: `http://host[:port]/path?query`, no userinfo.
+    pub fn log_target(&self) -> String {
+        match (&self.protocol, &self.path_and_query) {
+            (Protocol::Http, Some(pq)) => format!("http://{}{}", self.authority, pq),
+            _ => self.authority.clone(),
+        }
+    }
+
+    /// Origin-form URI for the request line to an origin.
+    pub fn origin_form(&self) -> Uri {
+        let pq = self
+            .path_and_query
+            .clone()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Uri::from(pq)
+    }
+
+    /// Absolute-form URI for the request line to a parent proxy.
+    pub fn absolute_form(&self) -> Result<Uri, ProxyError> {
+        let pq = self
+            .path_and_query
+            .clone()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.as_str())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| {
+                ProxyError::Malformed(format!("cannot rebuild URL for {}: {e}", self.authority))
+            })
+    }
+
+    /// The host as a DNS name or literal, for resolving.
+    pub fn host_str(&self) -> String {
+        match &self.host {
+            Host::Name(n) => n.clone(),
+            Host::Ip(ip) => ip.to_string(),
+        }
+    }
+}
+
+/// The host part of an authority with userinfo and IPv6 brackets removed, normalised.
+fn host_of(authority: &Authority) -> Result<Host, ProxyError> {
+    // `Authority::host()` already drops userinfo and the port, and keeps IPv6 brackets.
+    let raw = authority.host();
+    let raw = raw
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(raw);
+    normalize_host(raw).map_err(|e| ProxyError::Malformed(format!("host {raw:?}: {e}")))
+}
+
+/// `host[:port]` in canonical spelling: the port is left out when it is the scheme default.
+fn wire_authority(host: &Host, port: u16, default_port: Option<u16>) -> String {
+    let host = match host {
+        Host::Name(n) => n.clone(),
+        Host::Ip(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+        Host::Ip(ip) => ip.to_string(),
+    };
+    if Some(port) == default_port {
+        host
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(method: &str, uri: &str) -> Result<Target, ProxyError> {
+        Target::from_request(&method.parse().unwrap(), &uri.parse().unwrap())
+    }
+
+    #[test]
+    fn targets() {
+        let t = parse("GET", "http://user:pw@Example.COM./a?b=1").unwrap();
+        assert_eq!(t.authority, "example.com");
+        assert_eq!(t.port, 80);
+        assert_eq!(t.origin_form(), "/a?b=1");
+        assert_eq!(t.log_target(), "http://example.com/a?b=1");
+
+        let t = parse("GET", "http://127.0.0.1:8080").unwrap();
+        assert_eq!(t.authority, "127.0.0.1:8080");
+        assert_eq!(t.origin_form(), "/");
+
+        let t = parse("CONNECT", "[::1]:443").unwrap();
+        assert_eq!(t.authority, "[::1]:443");
+        assert!(matches!(t.host, Host::Ip(ip) if ip.is_loopback()));
+
+        let t = parse("GET", "http://0x7f000001/").unwrap();
+        assert!(matches!(t.host, Host::Ip(ip) if ip.to_string() == "127.0.0.1"));
+    }
+
+    #[test]
+    fn rejected_targets() {
+        assert_eq!(
+            parse("GET", "/index.html").unwrap_err().kind(),
+            "not-proxy-request"
+        );
+        assert_eq!(
+            parse("GET", "https://example.com/").unwrap_err().kind(),
+            "unsupported"
+        );
+        assert_eq!(
+            parse("GET", "ftp://example.com/").unwrap_err().kind(),
+            "unsupported"
+        );
+        assert_eq!(
+            parse("CONNECT", "example.com").unwrap_err().kind(),
+            "malformed-request"
+        );
+        assert_eq!(
+            parse("GET", "http://example.com:0/").unwrap_err().kind(),
+            "malformed-request"
+        );
+    }
+}

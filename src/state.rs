@@ -1,0 +1,101 @@
+//! The reloadable part of the proxy: one immutable snapshot of config and compiled policy,
+//! swapped atomically. A request loads the snapshot once at its start and finishes under
+//! it, whatever reloads happen meanwhile.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+
+use crate::acl::{AclConfig, Policy};
+use crate::config::{Config, ConfigError};
+use crate::connect::resolver::Resolver;
+use crate::limit::Limits;
+
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub policy: Policy,
+    pub limits: Limits,
+    pub resolver: Resolver,
+    /// Pre-rendered `Via` value, or None when `proxy.via = false`.
+    pub via: Option<HeaderValue>,
+}
+
+/// Where the configuration comes from, so that a reload reads the same sources again.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+}
+
+/// The live snapshot, shared by every worker.
+pub struct SharedState {
+    current: ArcSwap<Snapshot>,
+    pub source: ConfigSource,
+}
+
+// === impl Snapshot ===
+
+impl Snapshot {
+    pub fn build(config: Config) -> Result<Snapshot, ConfigError> {
+        let policy = Policy::compile(&AclConfig {
+            sources: &config.sources,
+            rules: &config.rules,
+            destinations: &config.destinations,
+        })
+        .map_err(|e| ConfigError::Invalid {
+            key: e.key().to_owned(),
+            message: e.to_string(),
+        })?;
+        let limits = Limits::compile(&config.rate_limits).map_err(|e| ConfigError::Invalid {
+            key: e.key().to_owned(),
+            message: e.to_string(),
+        })?;
+        let resolver = Resolver::new(&config.dns)?;
+        let via = config
+            .proxy
+            .via
+            .then(|| HeaderValue::from_str(&format!("1.1 {}", config.proxy.via_name)).ok())
+            .flatten();
+        Ok(Snapshot {
+            config: Arc::new(config),
+            policy,
+            limits,
+            resolver,
+            via,
+        })
+    }
+
+    /// Files whose change triggers a reload.
+    pub fn watched_files(&self, source: &ConfigSource) -> Vec<PathBuf> {
+        source
+            .path
+            .iter()
+            .cloned()
+            .chain(self.policy.watched_files().iter().cloned())
+            .collect()
+    }
+}
+
+// === impl SharedState ===
+
+impl SharedState {
+    pub fn new(snapshot: Snapshot, source: ConfigSource) -> Arc<SharedState> {
+        Arc::new(SharedState {
+            current: ArcSwap::from_pointee(snapshot),
+            source,
+        })
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Read the sources again and swap in the result; on error the old snapshot stays.
+    pub fn reload(&self) -> Result<Arc<Snapshot>, ConfigError> {
+        let config = Config::load(self.source.path.as_deref())?;
+        let snapshot = Arc::new(Snapshot::build(config)?);
+        self.current.store(snapshot.clone());
+        Ok(snapshot)
+    }
+}

@@ -1,0 +1,259 @@
+//! Process lifecycle: check-config, environment overrides, the binary's signals, and
+//! graceful shutdown with work in flight.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Kalmar, kalmar_bin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn fixtures(kind: &str) -> Vec<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(kind);
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn check_config_accepts_valid_fixtures_and_the_embedded_default() {
+    let out = Command::new(kalmar_bin())
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("listen = \"127.0.0.1:3128\""), "{text}");
+    for file in fixtures("valid") {
+        let out = Command::new(kalmar_bin())
+            .arg("check-config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn check_config_rejects_invalid_fixtures_naming_the_key() {
+    let expect = [
+        ("bad_duration.toml", "timeouts.connect"),
+        ("bad_format.toml", "access_log.format"),
+        ("bad_listen.toml", "server.listen"),
+        ("bad_nameserver.toml", "dns.nameservers"),
+        ("not_toml.toml", "TOML"),
+        ("same_ports.toml", "server.admin_listen"),
+        ("unknown_key.toml", "listne"),
+    ];
+    let files = fixtures("invalid");
+    assert!(files.len() >= expect.len());
+    for (name, needle) in expect {
+        let file = files.iter().find(|f| f.ends_with(name)).unwrap();
+        let out = Command::new(kalmar_bin())
+            .arg("check-config")
+            .arg(file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name} should be rejected");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{name}: error should name {needle:?}: {err}"
+        );
+    }
+    let out = Command::new(kalmar_bin())
+        .args(["check-config", "/nonexistent/kalmar.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/kalmar.toml"));
+}
+
+#[test]
+fn environment_overrides_win_over_file_and_default() {
+    let out = Command::new(kalmar_bin())
+        .arg("check-config")
+        .arg(
+            fixtures("valid")
+                .iter()
+                .find(|f| f.ends_with("minimal.toml"))
+                .unwrap(),
+        )
+        .env("KALMAR_SERVER__LISTEN", "127.0.0.1:4128")
+        .env("KALMAR_TIMEOUTS__CONNECT", "3s")
+        .env("KALMAR_DNS__NAMESERVERS", "127.0.0.1:5353,127.0.0.2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("listen = \"127.0.0.1:4128\""), "{text}");
+    assert!(text.contains("connect = \"3s\""), "{text}");
+    assert!(text.contains("\"127.0.0.2\""), "{text}");
+
+    let out = Command::new(kalmar_bin())
+        .arg("check-config")
+        .env("KALMAR_SERVER__MAX_CONNECTIONS", "many")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_connections"));
+}
+
+#[test]
+fn version_flag() {
+    let out = Command::new(kalmar_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_serves_and_exits_zero_on_sigterm() {
+    let origin = support::origin::Origin::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kalmar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nworkers = 1\n\
+             [dns]\nnameservers = [\"127.0.0.1:1\"]\nuse_hosts_file = false\n\
+             [destinations]\nallowed_cidrs = [\"127.0.0.0/8\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(kalmar_bin())
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proxy = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "kalmar did not start listening");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = support::client_via(&proxy)
+        .get(origin.url("/hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "hello");
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.status.success(), "exit status {:?}", status.status);
+    // The access log went to stdout (the default), one JSON object per line.
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(line["status"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_a_tunnel_finish() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut kalmar = Kalmar::start("[server]\nshutdown_grace = \"20s\"");
+    let mut s = tokio::net::TcpStream::connect(kalmar.addr).await.unwrap();
+    s.write_all(format!("CONNECT {addr} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 19];
+    s.read_exact(&mut head).await.unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+
+    let proxy_addr = kalmar.addr;
+    let admin = kalmar.admin;
+    kalmar.handle().begin_shutdown();
+    assert!(!kalmar.handle().is_ready());
+    // Readiness turns false at once, so Kubernetes stops sending traffic.
+    let ready = support::raw_exchange(
+        admin,
+        b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    // New clients are no longer accepted...
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = tokio::net::TcpStream::connect(proxy_addr).await;
+    if let Ok(mut c) = refused {
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut buf)).await;
+        assert!(buf.is_empty(), "a new client was served during shutdown");
+    }
+    // ...but the tunnel in flight still works.
+    s.write_all(b"still-open").await.unwrap();
+    let mut echo = [0u8; 10];
+    s.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"still-open");
+
+    let started = Instant::now();
+    let shutdown = std::thread::spawn(move || kalmar.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!shutdown.is_finished(), "shutdown must wait for the tunnel");
+    drop(s);
+    tokio::task::spawn_blocking(move || shutdown.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}

@@ -1,0 +1,198 @@
+//! Shared test harness: Kalmar in-process on 127.0.0.1:0, real origin servers (plain and
+//! TLS) on loopback, a loopback DNS server, and helpers for real clients (reqwest, curl).
+#![allow(dead_code)]
+
+pub mod dns;
+pub mod origin;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kalmar::config::Config;
+use kalmar::state::ConfigSource;
+
+/// The test configuration every Kalmar in the tests starts from. Loopback is where the
+/// test origins live, so it is opened explicitly; DNS goes to a dead loopback port unless
+/// a test starts its own server, so no query can ever leave the machine.
+pub const BASE_CONFIG: &str = r#"
+[server]
+workers = 2
+shutdown_grace = "5s"
+[dns]
+nameservers = ["127.0.0.1:1"]
+use_hosts_file = false
+[destinations]
+allowed_cidrs = ["127.0.0.0/8", "::1/128"]
+connect_ports = ["1-65535"]
+"#;
+
+pub struct Kalmar {
+    handle: Option<kalmar::ServerHandle>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub log_path: PathBuf,
+    pub config_path: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Kalmar {
+    /// Start with [`BASE_CONFIG`] plus `extra` (TOML; later keys win) and a JSON access
+    /// log in a temporary directory.
+    pub fn start(extra: &str) -> Kalmar {
+        Self::start_with(BASE_CONFIG, extra)
+    }
+
+    /// Start with exactly `base` + `extra` over the embedded default.
+    pub fn start_with(base: &str, extra: &str) -> Kalmar {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log_path = dir.path().join("access.log");
+        let config_path = dir.path().join("kalmar.toml");
+        let text = merge_toml(base, extra, &log_path);
+        std::fs::write(&config_path, &text).expect("write config");
+        let config = Config::load_with_env(Some(&config_path), std::iter::empty())
+            .expect("test config is valid");
+        let listeners = kalmar::Listeners {
+            proxy: std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy"),
+            admin: std::net::TcpListener::bind("127.0.0.1:0").expect("bind admin"),
+        };
+        let handle = kalmar::start(
+            config,
+            ConfigSource {
+                path: Some(config_path.clone()),
+            },
+            listeners,
+        )
+        .expect("start kalmar");
+        Kalmar {
+            addr: handle.proxy_addr,
+            admin: handle.admin_addr,
+            handle: Some(handle),
+            log_path,
+            config_path,
+            dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn handle(&self) -> &kalmar::ServerHandle {
+        self.handle.as_ref().expect("running")
+    }
+
+    /// A reqwest client that sends everything (plain and CONNECT) through this proxy.
+    pub fn client(&self) -> reqwest::Client {
+        client_via(&self.url())
+    }
+
+    /// Wait until the access log has at least `n` lines and return them parsed.
+    pub fn log_lines(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_str(l).expect("json log line"))
+                .collect();
+            if lines.len() >= n || Instant::now() > deadline {
+                assert!(
+                    lines.len() >= n,
+                    "expected {n} access-log lines, got {}: {text}",
+                    lines.len()
+                );
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Graceful shutdown, waiting for it to finish.
+    pub fn shutdown(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.shutdown();
+        }
+    }
+}
+
+impl Drop for Kalmar {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.begin_shutdown();
+            // Tests that end with tunnels or connections open need not wait for the grace.
+            std::thread::spawn(move || handle.shutdown());
+        }
+    }
+}
+
+/// `base`, the access-log section, then `extra`, as one TOML document. Tables named in
+/// both are merged by the `config` crate's layering when `extra` is a separate layer, so
+/// here the simplest correct thing is to let later tables win key by key.
+fn merge_toml(base: &str, extra: &str, log_path: &std::path::Path) -> String {
+    let mut doc: toml::Table = base.parse().expect("base toml");
+    let log: toml::Table = format!(
+        "[access_log]\nformat = \"json\"\npath = {:?}\n",
+        log_path.display().to_string()
+    )
+    .parse()
+    .expect("log toml");
+    let extra: toml::Table = extra.parse().expect("extra toml");
+    for layer in [log, extra] {
+        merge_into(&mut doc, layer);
+    }
+    doc.to_string()
+}
+
+fn merge_into(doc: &mut toml::Table, layer: toml::Table) {
+    for (key, value) in layer {
+        match (doc.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(new)) => {
+                merge_into(existing, new)
+            }
+            (_, value) => {
+                doc.insert(key, value);
+            }
+        }
+    }
+}
+
+pub fn client_via(proxy: &str) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(proxy).expect("proxy url"))
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// Run the `curl` binary with `args`; returns (exit status, stdout, stderr).
+pub fn curl(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Send raw bytes to `addr` and read the answer until the peer closes (or 10 s).
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The kalmar binary built by cargo for integration tests.
+pub fn kalmar_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kalmar")
+}
