@@ -254,6 +254,23 @@ struct Writer {
     closing: bool,
 }
 
+/// Writes `{"a":1,"b":...` with the commas in the right places.
+struct JsonObject<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+/// A UTC calendar time.
+#[derive(Debug, PartialEq, Eq)]
+struct Civil {
+    year: u64,
+    month: u8,
+    day: u8,
+    hour: u8,
+    minute: u8,
+    second: u8,
+}
+
 // === impl AccessLogConfig ===
 
 impl Default for AccessLogConfig {
@@ -552,6 +569,7 @@ impl Format {
     /// Append one line for `rec`, newline included. Every value is escaped so that no input can
     /// break the line or start a new one.
     pub fn write_line(self, rec: &AccessRecord, out: &mut Vec<u8>) {
+        out.reserve(512);
         match self {
             Format::Json => write_json(rec, out),
             Format::Squid => write_squid(rec, out),
@@ -630,11 +648,7 @@ fn write_json(rec: &AccessRecord, out: &mut Vec<u8>) {
     o.out.push(b'}');
 }
 
-/// Writes `{"a":1,"b":...` with the commas in the right places.
-struct JsonObject<'a> {
-    out: &'a mut Vec<u8>,
-    first: bool,
-}
+// === impl JsonObject ===
 
 impl<'a> JsonObject<'a> {
     fn new(out: &'a mut Vec<u8>) -> Self {
@@ -689,6 +703,16 @@ impl<'a> JsonObject<'a> {
 /// A JSON string: `"` and `\` escaped, control bytes as `\n`/`\u00XX`, invalid UTF-8 as U+FFFD.
 fn json_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
+    // Fast path (nearly every value): plain ASCII, nothing to escape. `fold` rather than `any`
+    // so that the check vectorizes.
+    let plain = !bytes.iter().fold(false, |dirty, &b| {
+        dirty | !(0x20..0x7f).contains(&b) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     for chunk in bytes.utf8_chunks() {
         let valid = chunk.valid().as_bytes();
         let mut run = 0;
@@ -834,6 +858,13 @@ fn token(out: &mut Vec<u8>, bytes: &[u8]) {
         out.push(b'-');
         return;
     }
+    let plain = !bytes.iter().fold(false, |dirty, &b| {
+        dirty | !(0x21..0x7f).contains(&b) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
+        out.extend_from_slice(bytes);
+        return;
+    }
     let mut run = 0;
     for (i, &b) in bytes.iter().enumerate() {
         if matches!(b, 0x21..=0x7e) && b != b'"' && b != b'\\' {
@@ -932,16 +963,7 @@ const MONTHS: [&str; 12] = [
 /// Latest representable timestamp (9999-12-31T23:59:59Z); later times are clamped to it.
 const MAX_UNIX_SECS: u64 = 253_402_300_799;
 
-/// A UTC calendar time.
-#[derive(Debug, PartialEq, Eq)]
-struct Civil {
-    year: u64,
-    month: u8,
-    day: u8,
-    hour: u8,
-    minute: u8,
-    second: u8,
-}
+// === impl Civil ===
 
 impl Civil {
     /// Howard Hinnant's `civil_from_days`, for `secs` already clamped to 0..=[`MAX_UNIX_SECS`].

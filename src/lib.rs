@@ -112,7 +112,10 @@ pub fn start(
         .enable_all()
         .build()
         .map_err(io_err("control runtime"))?;
-    let snapshot = control_rt.block_on(async { Snapshot::build(config) })?;
+    let snapshot = {
+        let _context = control_rt.enter();
+        Snapshot::build(config)?
+    };
     let state = SharedState::new(snapshot, source);
     let tracker = Tracker::new();
     let proxy = Arc::new(Proxy {

@@ -135,7 +135,10 @@ def main() -> int:
         os.symlink(os.path.basename(stamp), os.path.join(etc, "..data"))
         os.symlink("..data/kalmar.toml", os.path.join(etc, "kalmar.toml"))
 
-        proxy_port, admin_port = free_port(), free_port()
+        proxy_port = free_port()
+        admin_port = free_port()
+        while admin_port == proxy_port:
+            admin_port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("KALMAR_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
         env["KALMAR_SERVER__LISTEN"] = f"127.0.0.1:{proxy_port}"
         env["KALMAR_SERVER__ADMIN_LISTEN"] = f"127.0.0.1:{admin_port}"

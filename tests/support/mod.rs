@@ -196,3 +196,98 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
 pub fn kalmar_bin() -> &'static str {
     env!("CARGO_BIN_EXE_kalmar")
 }
+
+/// Kalmar as a separate process (the built binary), for what needs a process of its own:
+/// signals, exit codes, its own memory figures.
+pub struct KalmarProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl KalmarProcess {
+    /// Start `kalmar --config <file>` with [`BASE_CONFIG`] plus `extra`, a file access
+    /// log, and free loopback ports; returns once `/readyz` answers 200.
+    pub fn spawn(extra: &str) -> KalmarProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log_path = dir.path().join("access.log");
+        let config_path = dir.path().join("kalmar.toml");
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (addr, admin) = (free(), free());
+        let ports = format!("[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\n");
+        let mut text = merge_toml(BASE_CONFIG, &ports, &log_path);
+        text = merge_toml(&text, extra, &log_path);
+        std::fs::write(&config_path, text).expect("write config");
+        let child = std::process::Command::new(kalmar_bin())
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn kalmar");
+        let process = KalmarProcess {
+            child,
+            addr,
+            admin,
+            dir,
+            config_path,
+            log_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(admin) {
+                use std::io::{Read, Write};
+                let _ =
+                    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                if out.starts_with("HTTP/1.1 200") {
+                    return process;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kalmar process did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// A figure from /proc/PID/status in KiB (VmRSS, VmHWM).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for KalmarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
