@@ -97,6 +97,9 @@ fn environment_overrides_win_over_file_and_default() {
         .env("KALMAR_SERVER__LISTEN", "127.0.0.1:4128")
         .env("KALMAR_TIMEOUTS__CONNECT", "3s")
         .env("KALMAR_DNS__NAMESERVERS", "127.0.0.1:5353,127.0.0.2")
+        // Not config keys: the log filter, and what Kubernetes service links inject.
+        .env("KALMAR_LOG", "debug")
+        .env("KALMAR_PORT_3128_TCP_ADDR", "10.0.0.1")
         .output()
         .unwrap();
     assert!(

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 
 use super::config::{AclConfigError, Problem, SourceEntry, check_labels, check_net};
 use super::prefix::PrefixMap;
+use super::selector::{CompactLabels, LabelInterner};
 
 /// Who a client is: the source entry with the longest prefix containing its address, or unknown.
 /// Cheap to clone.
@@ -26,6 +27,9 @@ pub(crate) struct Source {
     pub(crate) labels: Arc<BTreeMap<String, String>>,
     /// Where it was defined: `sources[3]` or `/etc/kalmar/sources.yaml[12]`.
     pub(crate) origin: Arc<str>,
+    /// `labels` interned for the policy of this generation (0: none).
+    compact: Arc<CompactLabels>,
+    generation: u64,
 }
 
 /// The compiled source table.
@@ -51,6 +55,8 @@ impl Identity {
                 cidr,
                 labels: Arc::new(labels),
                 origin: Arc::from("-"),
+                compact: Arc::from(Vec::new()),
+                generation: 0,
             })),
         }
     }
@@ -70,6 +76,16 @@ impl Identity {
     /// The prefix that identified the client.
     pub fn cidr(&self) -> Option<IpNet> {
         self.source.as_ref().map(|s| s.cidr)
+    }
+
+    /// The interned labels and whether the source is known, if this identity comes from the policy
+    /// of `generation` (an unknown source has no labels under any policy).
+    pub(crate) fn compact(&self, generation: u64) -> Option<(&CompactLabels, bool)> {
+        match &self.source {
+            None => Some((&[], false)),
+            Some(s) if s.generation == generation => Some((&s.compact, true)),
+            Some(_) => None,
+        }
     }
 
     /// Where the matching entry was defined: `sources[3]` or `path[12]`.
@@ -101,8 +117,19 @@ impl fmt::Display for Identity {
 
 impl SourceTable {
     /// Compiles `[[sources]]`, reading `file` entries from disk. A prefix defined twice is an error.
-    pub(crate) fn compile(entries: &[SourceEntry]) -> Result<Self, AclConfigError> {
-        let mut builder = Builder::default();
+    /// `interner` holds the labels the rules mention; `generation` identifies the policy.
+    pub(crate) fn compile(
+        entries: &[SourceEntry],
+        interner: &LabelInterner,
+        generation: u64,
+    ) -> Result<Self, AclConfigError> {
+        let mut builder = Builder {
+            prefixes: PrefixMap::new(),
+            files: Vec::new(),
+            label_sets: HashMap::new(),
+            interner,
+            generation,
+        };
         for (i, entry) in entries.iter().enumerate() {
             let key = format!("sources[{i}]");
             match &entry.file {
@@ -155,15 +182,19 @@ impl SourceTable {
     }
 }
 
+/// One distinct label set, shared by every prefix that carries it.
+type SharedLabels = (Arc<BTreeMap<String, String>>, Arc<CompactLabels>);
+
 /// Collects prefixes, detecting duplicates and sharing identical label sets.
-#[derive(Default)]
-struct Builder {
+struct Builder<'a> {
     prefixes: PrefixMap<Arc<Source>>,
     files: Vec<PathBuf>,
-    label_sets: HashMap<BTreeMap<String, String>, Arc<BTreeMap<String, String>>>,
+    label_sets: HashMap<BTreeMap<String, String>, SharedLabels>,
+    interner: &'a LabelInterner,
+    generation: u64,
 }
 
-impl Builder {
+impl Builder<'_> {
     fn add(&mut self, key: &str, entry: &SourceEntry) -> Result<(), AclConfigError> {
         if entry.file.is_some() {
             return Err(AclConfigError::new(
@@ -172,11 +203,15 @@ impl Builder {
             ));
         }
         check_labels(&format!("{key}.labels"), &entry.labels)?;
-        let labels = Arc::clone(
-            self.label_sets
-                .entry(entry.labels.clone())
-                .or_insert_with(|| Arc::new(entry.labels.clone())),
-        );
+        let interner = self.interner;
+        let (labels, compact) = self
+            .label_sets
+            .entry(entry.labels.clone())
+            .or_insert_with(|| {
+                let compact = interner.compact_labels(&entry.labels);
+                (Arc::new(entry.labels.clone()), Arc::from(compact))
+            })
+            .clone();
         let name: Option<Arc<str>> = entry.name.as_deref().map(Arc::from);
         let origin: Arc<str> = Arc::from(key);
         let nets = entry
@@ -211,6 +246,8 @@ impl Builder {
                     cidr: net,
                     labels: Arc::clone(&labels),
                     origin: Arc::clone(&origin),
+                    compact: Arc::clone(&compact),
+                    generation: self.generation,
                 }),
             );
         }
@@ -269,6 +306,10 @@ mod tests {
         }
     }
 
+    fn compile_table(entries: &[SourceEntry]) -> Result<SourceTable, AclConfigError> {
+        SourceTable::compile(entries, &LabelInterner::default(), 1)
+    }
+
     fn temp_file(name: &str, contents: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("kalmar-acl-{}-{name}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
@@ -279,7 +320,7 @@ mod tests {
 
     #[test]
     fn longest_prefix_with_overlapping_entries_v4_and_v6() {
-        let table = SourceTable::compile(&[
+        let table = compile_table(&[
             entry("all", "0.0.0.0/0", "world"),
             entry("ns", "10.1.0.0/16", "ns"),
             entry("pods", "10.1.2.0/24", "pods"),
@@ -317,7 +358,7 @@ mod tests {
 
     #[test]
     fn cidrs_list_and_shared_label_sets() {
-        let table = SourceTable::compile(&[SourceEntry {
+        let table = compile_table(&[SourceEntry {
             name: None,
             cidr: Some(net("10.0.0.0/24")),
             cidrs: vec![net("10.0.1.0/24"), net("fd00::/64")],
@@ -345,7 +386,7 @@ mod tests {
             "sources.json",
             r#"[{"name": "pod-b", "cidr": "10.9.9.9/32", "labels": {"replicas": 3}}]"#,
         );
-        let table = SourceTable::compile(&[
+        let table = compile_table(&[
             SourceEntry {
                 file: Some(yaml.clone()),
                 ..SourceEntry::default()
@@ -449,7 +490,7 @@ mod tests {
             ),
         ];
         for (entries, want) in cases {
-            let err = SourceTable::compile(&entries).expect_err(&want).to_string();
+            let err = compile_table(&entries).expect_err(&want).to_string();
             assert!(err.starts_with(&want), "{err}\n  wanted {want}");
         }
     }

@@ -51,6 +51,7 @@ mod selector;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -104,7 +105,12 @@ pub struct Policy {
     connect_ports: PortSet,
     http_ports: PortSet,
     unknown_source: UnknownSource,
+    /// Unique per compiled policy: identities carry it to use the interned-label fast path.
+    generation: u64,
 }
+
+/// Source of [`Policy`] generations (0 is "no policy").
+static GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// A decision with the index of the deciding rule (for `explain`).
 struct Evaluation {
@@ -149,7 +155,8 @@ impl Policy {
         let connect_ports = PortSet::parse(&d.connect_ports, "destinations.connect_ports")?;
         let http_ports = PortSet::parse(&d.http_ports, "destinations.http_ports")?;
         let rules = RuleSet::compile(cfg.rules)?;
-        let sources = SourceTable::compile(cfg.sources)?;
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        let sources = SourceTable::compile(cfg.sources, &rules.interner, generation)?;
         Ok(Policy {
             sources,
             rules,
@@ -157,6 +164,7 @@ impl Policy {
             connect_ports,
             http_ports,
             unknown_source: d.unknown_source,
+            generation,
         })
     }
 
@@ -211,7 +219,10 @@ impl Policy {
             };
         }
         let default_ports = self.default_ports(dst.protocol);
-        let Some(index) = self.rules.first_match(id, dst, default_ports) else {
+        let Some(index) = self
+            .rules
+            .first_match(id, self.generation, dst, default_ports)
+        else {
             let reason = if default_ports.contains(dst.port) {
                 Reason::DefaultDeny
             } else {

@@ -12,7 +12,7 @@ use super::address::{AllowList, embedded_ipv4};
 use super::config::{AclConfigError, Action, PortSpec, Problem, RuleConfig, check_name, check_net};
 use super::host::{HostError, validate_label};
 use super::prefix::{FastBuild, PrefixMap};
-use super::selector::Selector;
+use super::selector::{CompactLabels, CompactSelector, LabelInterner, Selector};
 use super::{Destination, Host, Identity, Protocol};
 
 /// A set of ports: sorted, merged inclusive ranges.
@@ -55,6 +55,8 @@ pub(crate) struct Rule {
     pub(crate) name: Arc<str>,
     pub(crate) action: Action,
     pub(crate) selector: Selector,
+    /// `selector` over the rule set's interned labels.
+    compact: CompactSelector,
     /// `None` with `cidrs` also `None`: any destination.
     domains: Option<DomainIndex<()>>,
     cidrs: Option<PrefixMap<()>>,
@@ -83,14 +85,22 @@ pub(crate) struct RuleSet {
     by_cidr: PrefixMap<Vec<u32>>,
     /// Rules without domains and cidrs.
     any_destination: Vec<u32>,
-    /// label key → value → rules anchored on that pair.
-    by_label: HashMap<Box<str>, ByValue, FastBuild>,
+    /// Interned (label key, value) → rules anchored on that pair.
+    by_label: HashMap<u64, Vec<u32>, FastBuild>,
     /// Rules without an anchor (empty selectors, only NotIn/Exists/DoesNotExist).
     unanchored: Vec<u32>,
+    /// The label keys and values the selectors mention.
+    pub(crate) interner: LabelInterner,
 }
 
-/// label value → sorted rule ids.
-type ByValue = HashMap<Box<str>, Vec<u32>, FastBuild>;
+/// How the source of a request is matched against selectors.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SourceView<'a> {
+    /// Labels interned for this rule set, and whether the source is known (the fast path).
+    Compact(&'a CompactLabels, bool),
+    /// An identity from another policy or built by hand: string labels.
+    Strings(&'a Identity),
+}
 
 // === impl PortSet ===
 
@@ -396,6 +406,7 @@ impl Rule {
             name: Arc::from(cfg.name.as_str()),
             action: cfg.action,
             selector,
+            compact: CompactSelector::default(),
             to_text: describe_to(cfg),
             domains: (!domains.is_empty()).then_some(domains),
             cidrs: (!cidrs.is_empty()).then_some(cidrs),
@@ -407,15 +418,24 @@ impl Rule {
     }
 
     /// Full check of this rule against a request; `default_ports` are the protocol's defaults.
+    /// `destination_known`: the caller already knows the destination part matches.
     pub(crate) fn matches(
         &self,
-        id: &Identity,
+        source: SourceView,
         dst: &Destination,
         default_ports: &PortSet,
+        destination_known: bool,
     ) -> bool {
         self.matches_request(dst, default_ports)
-            && self.matches_destination(dst.host)
-            && self.selector.matches(id)
+            && self.matches_source(source)
+            && (destination_known || self.matches_destination(dst.host))
+    }
+
+    pub(crate) fn matches_source(&self, source: SourceView) -> bool {
+        match source {
+            SourceView::Compact(labels, known) => self.compact.matches(labels, known),
+            SourceView::Strings(id) => self.selector.matches(id),
+        }
     }
 
     /// Protocol, method and port.
@@ -508,7 +528,8 @@ impl RuleSet {
                     },
                 ));
             }
-            let rule = Rule::compile(index, cfg)?;
+            let mut rule = Rule::compile(index, cfg)?;
+            rule.compact = rule.selector.compact(&mut set.interner);
             let id = u32::try_from(index).map_err(|_| {
                 AclConfigError::new(
                     format!("rules[{index}]"),
@@ -541,24 +562,29 @@ impl RuleSet {
                 push(self.by_cidr.get_or_insert_with(net, Vec::new));
             }
         }
-        match rule.selector.anchor() {
+        match rule.compact.anchor() {
             Some((key, values)) => {
-                let by_value = self.by_label.entry(key.into()).or_default();
                 for value in values {
-                    push(by_value.entry(value.as_str().into()).or_default());
+                    push(self.by_label.entry(label_key(key, *value)).or_default());
                 }
             }
             None => push(&mut self.unanchored),
         }
     }
 
-    /// The index of the first rule that matches, if any.
+    /// The index of the first rule that matches, if any. `generation` is the policy's: an
+    /// identity from it is matched on interned labels, any other on its string labels.
     pub(crate) fn first_match(
         &self,
         id: &Identity,
+        generation: u64,
         dst: &Destination,
         default_ports: &PortSet,
     ) -> Option<usize> {
+        let source = match id.compact(generation) {
+            Some((labels, known)) => SourceView::Compact(labels, known),
+            None => SourceView::Strings(id),
+        };
         let mut by_destination: Vec<&[u32]> = Vec::with_capacity(8);
         match dst.host {
             Host::Name(name) => self
@@ -573,33 +599,38 @@ impl RuleSet {
         }
         by_destination.push(&self.any_destination);
 
-        let mut by_source: Vec<&[u32]> = Vec::with_capacity(8);
-        if let Some(labels) = id.labels() {
-            for (k, v) in labels.iter() {
-                if let Some(ids) = self
-                    .by_label
-                    .get(k.as_str())
-                    .and_then(|m| m.get(v.as_str()))
-                {
+        // The source side needs interned labels; otherwise the destination side alone will do.
+        let mut by_source: Vec<&[u32]> = Vec::new();
+        if let SourceView::Compact(labels, _) = source {
+            by_source.reserve(labels.len() + 1);
+            for &(key, value) in labels {
+                if let Some(ids) = self.by_label.get(&label_key(key, value)) {
                     by_source.push(ids);
                 }
             }
+            by_source.push(&self.unanchored);
         }
-        by_source.push(&self.unanchored);
 
         let total = |lists: &[&[u32]]| lists.iter().map(|l| l.len()).sum::<usize>();
-        let lists = if total(&by_source) < total(&by_destination) {
-            by_source
+        let use_source =
+            matches!(source, SourceView::Compact(..)) && total(&by_source) < total(&by_destination);
+        let (lists, destination_known) = if use_source {
+            (by_source, false)
         } else {
-            by_destination
+            (by_destination, true)
         };
         first_in_order(lists, |i| {
             self.rules
                 .get(i as usize)
-                .is_some_and(|rule| rule.matches(id, dst, default_ports))
+                .is_some_and(|rule| rule.matches(source, dst, default_ports, destination_known))
         })
         .map(|i| i as usize)
     }
+}
+
+/// The anchor index key of an interned label pair.
+fn label_key(key: u32, value: u32) -> u64 {
+    (u64::from(key) << 32) | u64::from(value)
 }
 
 /// Merges sorted id lists in increasing order (each id once) and returns the first that passes.

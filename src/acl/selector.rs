@@ -1,6 +1,6 @@
 //! Kubernetes label selectors over source identities (`match_labels`, `match_expressions`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use super::Identity;
@@ -36,6 +36,35 @@ enum Requirement {
     DoesNotExist {
         key: String,
     },
+}
+
+/// Interns the label keys and values that rule selectors mention, so that matching compares
+/// integers instead of strings (the hot path of [`super::Policy::authorize`]).
+#[derive(Debug, Default)]
+pub(crate) struct LabelInterner {
+    keys: HashMap<String, u32>,
+    values: HashMap<String, u32>,
+}
+
+/// A label set in interned form: `(key, value)` pairs sorted by key, keeping only keys that some
+/// selector mentions; a value no selector mentions is [`UNSEEN`].
+pub(crate) type CompactLabels = [(u32, u32)];
+
+/// A value id that no selector mentions.
+pub(crate) const UNSEEN: u32 = u32::MAX;
+
+/// A [`Selector`] over interned labels; same semantics.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CompactSelector {
+    requirements: Box<[CompactRequirement]>,
+}
+
+#[derive(Debug, Clone)]
+enum CompactRequirement {
+    In { key: u32, values: Box<[u32]> },
+    NotIn { key: u32, values: Box<[u32]> },
+    Exists { key: u32 },
+    DoesNotExist { key: u32 },
 }
 
 // === impl Selector ===
@@ -121,16 +150,29 @@ impl Selector {
         self.requirements.iter().all(|r| r.matches(labels))
     }
 
-    /// A label key and the values one of which every matching source must carry, if any: the
-    /// policy indexes rules by it.
-    pub(crate) fn anchor(&self) -> Option<(&str, &[String])> {
-        self.requirements
+    /// The interned form, interning this selector's keys and values.
+    pub(crate) fn compact(&self, interner: &mut LabelInterner) -> CompactSelector {
+        let requirements = self
+            .requirements
             .iter()
-            .filter_map(|r| match r {
-                Requirement::In { key, values } => Some((key.as_str(), values.as_slice())),
-                _ => None,
+            .map(|r| match r {
+                Requirement::In { key, values } => CompactRequirement::In {
+                    key: interner.key(key),
+                    values: values.iter().map(|v| interner.value(v)).collect(),
+                },
+                Requirement::NotIn { key, values } => CompactRequirement::NotIn {
+                    key: interner.key(key),
+                    values: values.iter().map(|v| interner.value(v)).collect(),
+                },
+                Requirement::Exists { key } => CompactRequirement::Exists {
+                    key: interner.key(key),
+                },
+                Requirement::DoesNotExist { key } => CompactRequirement::DoesNotExist {
+                    key: interner.key(key),
+                },
             })
-            .min_by_key(|(_, values)| values.len())
+            .collect();
+        CompactSelector { requirements }
     }
 }
 
@@ -157,6 +199,66 @@ impl fmt::Display for Selector {
             }
         }
         Ok(())
+    }
+}
+
+// === impl LabelInterner ===
+
+impl LabelInterner {
+    fn key(&mut self, key: &str) -> u32 {
+        let next = u32::try_from(self.keys.len()).unwrap_or(UNSEEN - 1);
+        *self.keys.entry(key.to_owned()).or_insert(next)
+    }
+
+    fn value(&mut self, value: &str) -> u32 {
+        let next = u32::try_from(self.values.len()).unwrap_or(UNSEEN - 1);
+        *self.values.entry(value.to_owned()).or_insert(next)
+    }
+
+    /// The interned form of a source's labels.
+    pub(crate) fn compact_labels(&self, labels: &BTreeMap<String, String>) -> Box<CompactLabels> {
+        let mut pairs: Vec<(u32, u32)> = labels
+            .iter()
+            .filter_map(|(k, v)| {
+                let key = *self.keys.get(k)?;
+                Some((key, self.values.get(v).copied().unwrap_or(UNSEEN)))
+            })
+            .collect();
+        pairs.sort_unstable();
+        pairs.into_boxed_slice()
+    }
+}
+
+// === impl CompactSelector ===
+
+impl CompactSelector {
+    /// `known: false` is an unknown source: no labels, and the empty selector does not match it.
+    pub(crate) fn matches(&self, labels: &CompactLabels, known: bool) -> bool {
+        if self.requirements.is_empty() {
+            return known;
+        }
+        let get = |key: u32| labels.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        self.requirements.iter().all(|r| match r {
+            CompactRequirement::In { key, values } => {
+                get(*key).is_some_and(|v| values.contains(&v))
+            }
+            CompactRequirement::NotIn { key, values } => {
+                get(*key).is_none_or(|v| !values.contains(&v))
+            }
+            CompactRequirement::Exists { key } => get(*key).is_some(),
+            CompactRequirement::DoesNotExist { key } => get(*key).is_none(),
+        })
+    }
+
+    /// The (key, value) pairs one of which every matching source carries (see [`Selector::anchor`]).
+    pub(crate) fn anchor(&self) -> Option<(u32, &[u32])> {
+        self.requirements
+            .iter()
+            .filter_map(|r| match r {
+                CompactRequirement::In { key, values } => Some((*key, &**values)),
+                _ => None,
+            })
+            .min_by_key(|(_, values)| values.len())
     }
 }
 
@@ -291,14 +393,47 @@ mod tests {
     }
 
     #[test]
-    fn anchor_prefers_the_narrowest_in() {
+    fn compact_form_agrees_and_anchors_on_the_narrowest_in() {
+        let mut interner = LabelInterner::default();
         let sel = selector(
             &[("team", "a")],
             vec![expr("env", Operator::In, &["x", "y"])],
         );
-        assert_eq!(sel.anchor(), Some(("team", &["a".to_string()][..])));
-        let sel = selector(&[], vec![expr("env", Operator::NotIn, &["x"])]);
-        assert_eq!(sel.anchor(), None);
+        let compact = sel.compact(&mut interner);
+        let team = interner.key("team");
+        let a = interner.value("a");
+        assert_eq!(compact.anchor(), Some((team, &[a][..])));
+        let notin = selector(&[], vec![expr("env", Operator::NotIn, &["x"])]);
+        assert!(notin.compact(&mut interner).anchor().is_none());
+
+        let sets = [
+            labels(&[("team", "a"), ("env", "x")]),
+            labels(&[("team", "a"), ("env", "z")]),
+            labels(&[("team", "a"), ("other", "x")]),
+            labels(&[("env", "y")]),
+            labels(&[]),
+        ];
+        let selectors = [
+            sel,
+            notin,
+            selector(&[], vec![]),
+            selector(&[], vec![expr("env", Operator::Exists, &[])]),
+            selector(&[], vec![expr("env", Operator::DoesNotExist, &[])]),
+            selector(&[], vec![expr("other", Operator::NotIn, &["q"])]),
+        ];
+        let compiled: Vec<CompactSelector> =
+            selectors.iter().map(|s| s.compact(&mut interner)).collect();
+        for (s, c) in selectors.iter().zip(&compiled) {
+            for l in &sets {
+                let got = c.matches(&interner.compact_labels(l), true);
+                assert_eq!(got, s.matches_labels(l), "{s} on {l:?}");
+            }
+            assert_eq!(
+                c.matches(&[], false),
+                s.matches(&Identity::unknown()),
+                "{s} on unknown"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use http::Method;
 use serde::{Deserialize, Serialize};
 
+use super::rules::SourceView;
 use super::*;
 
 /// The ACL part of the core's config, as the core deserialises it.
@@ -972,8 +973,23 @@ fn indexed_first_match_equals_a_linear_scan() {
             to: ToConfig::default(),
             allow_cidrs: vec![],
         };
-        match rng.next() % 4 {
+        match rng.next() % 6 {
             0 => {}
+            4 => rule.from.match_expressions.push(ExpressionConfig {
+                key: rng.pick(&["team", "gpu"]).to_string(),
+                operator: *rng.pick(&[Operator::Exists, Operator::DoesNotExist]),
+                values: vec![],
+            }),
+            5 => {
+                rule.from
+                    .match_labels
+                    .insert("team".into(), rng.pick(&teams).to_string());
+                rule.from.match_expressions.push(ExpressionConfig {
+                    key: "gpu".into(),
+                    operator: Operator::NotIn,
+                    values: vec!["false".into()],
+                });
+            }
             1 => {
                 rule.from
                     .match_labels
@@ -1009,12 +1025,25 @@ fn indexed_first_match_equals_a_linear_scan() {
         }
         rules.push(rule);
     }
-    let sources: Vec<SourceEntry> = teams
+    // Labels include a value no selector names ("e") and keys none names ("zone").
+    let label_sets: [&[(&str, &str)]; 7] = [
+        &[("team", "a")],
+        &[("team", "b"), ("gpu", "true")],
+        &[("team", "c"), ("gpu", "false"), ("zone", "x")],
+        &[("team", "d")],
+        &[("team", "e"), ("gpu", "true")],
+        &[("zone", "x")],
+        &[],
+    ];
+    let sources: Vec<SourceEntry> = label_sets
         .iter()
         .enumerate()
-        .map(|(i, t)| SourceEntry {
+        .map(|(i, pairs)| SourceEntry {
             cidr: Some(format!("10.{i}.0.0/16").parse().expect("cidr")),
-            labels: [("team".to_string(), t.to_string())].into(),
+            labels: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..SourceEntry::default()
         })
         .collect();
@@ -1036,7 +1065,16 @@ fn indexed_first_match_equals_a_linear_scan() {
         "::ffff:203.0.113.7",
         "2001:db8::1",
     ];
-    let clients = ["10.0.0.1", "10.1.0.1", "10.2.0.1", "10.3.0.1", "192.0.2.1"];
+    let clients = [
+        "10.0.0.1",
+        "10.1.0.1",
+        "10.2.0.1",
+        "10.3.0.1",
+        "10.4.0.1",
+        "10.5.0.1",
+        "10.6.0.1",
+        "192.0.2.1",
+    ];
     let mut matched = 0;
     for _ in 0..3000 {
         let host = normalize_host(rng.pick::<&str>(&hosts)).expect("host");
@@ -1055,13 +1093,21 @@ fn indexed_first_match_equals_a_linear_scan() {
         };
         let id = policy.identify(ip(rng.pick::<&str>(&clients)));
         let ports = policy.default_ports(protocol);
+        // Reference: every rule in order, string labels, destination always checked.
         let linear = policy
             .rules
             .rules
             .iter()
-            .position(|r| r.matches(&id, &dst, ports));
-        let indexed = policy.rules.first_match(&id, &dst, ports);
+            .position(|r| r.matches(SourceView::Strings(&id), &dst, ports, false));
+        let indexed = policy
+            .rules
+            .first_match(&id, policy.generation, &dst, ports);
         assert_eq!(indexed, linear, "{id} {host}:{port} {protocol}");
+        // An identity the policy did not issue takes the string path, with the same result.
+        let foreign = policy
+            .rules
+            .first_match(&id, policy.generation + 1, &dst, ports);
+        assert_eq!(foreign, linear, "foreign {id} {host}:{port} {protocol}");
         matched += usize::from(linear.is_some());
     }
     assert!(

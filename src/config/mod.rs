@@ -179,7 +179,13 @@ impl Config {
         }
         let vars: config::Map<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k[ENV_PREFIX.len()..].starts_with('_'))
+            // Only KALMAR_SECTION__KEY: the binary's own KALMAR_LOG / KALMAR_CONFIG, and the
+            // KALMAR_PORT_* service links Kubernetes injects, are not config keys.
+            .filter(|(k, _)| {
+                k.strip_prefix(ENV_PREFIX)
+                    .and_then(|rest| rest.strip_prefix('_'))
+                    .is_some_and(|rest| rest.contains("__"))
+            })
             .collect();
         let mut environment = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("_")
