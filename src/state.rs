@@ -94,7 +94,12 @@ impl SharedState {
     /// Read the sources again and swap in the result; on error the old snapshot stays.
     pub fn reload(&self) -> Result<Arc<Snapshot>, ConfigError> {
         let config = Config::load(self.source.path.as_deref())?;
-        let snapshot = Arc::new(Snapshot::build(config)?);
+        let mut snapshot = Snapshot::build(config)?;
+        // Keep rate-limit state (open tunnels, unchanged quotas) across the swap, so a
+        // reload is not a way to reset a client's budget.
+        let previous = self.current.load();
+        snapshot.limits = snapshot.limits.inherit(&previous.limits);
+        let snapshot = Arc::new(snapshot);
         self.current.store(snapshot.clone());
         Ok(snapshot)
     }

@@ -38,6 +38,14 @@
 //!   (`allowed_cidrs = ["10.0.0.0/8"]` leaves a `cluster_cidrs` `10.96.0.0/12` closed). The guard
 //!   is not subject to `report`. A deny rule decides before the address is looked at, so denials
 //!   do not tell whether an address is internal.
+//! - **Config.** `denied_cidrs`, when set, replaces the default list ([`DEFAULT_DENIED_CIDRS`]);
+//!   `cluster_cidrs` add to it. Prefixes with host bits set are errors; a bare address is its /32
+//!   or /128. Label values written as booleans or numbers are read as strings. Every error names
+//!   the key and the value: `rules[2].to.ports: invalid port range "90-80"`.
+//! - **Cost.** `identify` probes one hash map per distinct prefix length. `authorize` does not scan
+//!   the rules: they are indexed by destination (exact name, `*.suffix`, inner wildcards, CIDR) and
+//!   by a label pair every selected source must carry; only candidates from the smaller side are
+//!   checked, on labels interned per compiled policy.
 
 mod address;
 mod config;

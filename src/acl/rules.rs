@@ -508,7 +508,7 @@ fn describe_to(cfg: &RuleConfig) -> String {
         let cidrs: Vec<String> = cfg.allow_cidrs.iter().map(IpNet::to_string).collect();
         parts.push(format!("allow_cidrs=[{}]", cidrs.join(", ")));
     }
-    parts.join(" ")
+    parts.join("; ")
 }
 
 // === impl RuleSet ===

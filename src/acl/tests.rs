@@ -1152,3 +1152,58 @@ fn denial_messages_reveal_only_what_was_asked() {
         );
     }
 }
+
+#[test]
+fn shared_types_are_thread_safe() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Policy>();
+    send_sync::<Identity>();
+    send_sync::<Decision>();
+    send_sync::<AddressDenied>();
+    send_sync::<AclConfigError>();
+    send_sync::<crate::limit::Limits>();
+    send_sync::<crate::limit::TunnelPermit>();
+}
+
+#[test]
+fn normalize_host_never_panics_and_is_idempotent() {
+    let policy = compile(SEED_LIKE).expect("valid config");
+    let id = policy.identify(ip("127.0.0.2"));
+    let alphabet: Vec<char> = ".%0123456789abcdefxX:[]*-_ é2E".chars().collect();
+    let mut rng = Rng(0xdead_beef_cafe_f00d);
+    let mut accepted = 0;
+    for _ in 0..20_000 {
+        let len = (rng.next() % 24) as usize;
+        let raw: String = (0..len).map(|_| *rng.pick(&alphabet)).collect();
+        let Ok(host) = normalize_host(&raw) else {
+            continue;
+        };
+        accepted += 1;
+        if let Host::Name(name) = &host {
+            assert!(
+                !name.ends_with('.') && !name.contains('%'),
+                "{raw:?} → {name:?}"
+            );
+            assert_eq!(name.to_ascii_lowercase(), *name, "{raw:?}");
+        }
+        assert_eq!(
+            normalize_host(&host.to_string()),
+            Ok(host.clone()),
+            "{raw:?}"
+        );
+        for (method, protocol) in [
+            (Method::CONNECT, Protocol::Connect),
+            (Method::GET, Protocol::Http),
+        ] {
+            let dst = Destination {
+                host: &host,
+                port: 443,
+                method: &method,
+                protocol,
+            };
+            let _ = policy.authorize(&id, &dst);
+            let _ = policy.explain(ip("127.0.0.2"), &dst, &[ip("127.0.0.1")]);
+        }
+    }
+    assert!(accepted > 1000, "{accepted}");
+}

@@ -291,3 +291,47 @@ impl Drop for KalmarProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A reqwest client through `proxy` whose connections come from `source` (127.0.0.x),
+/// so that Kalmar sees a distinct client address.
+pub fn client_from(proxy: &str, source: &str) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(proxy).expect("proxy url"))
+        .local_address(source.parse::<std::net::IpAddr>().expect("source ip"))
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// The config every test starts from, without the loopback opening: the default
+/// destination guard (every non-public range denied) stays in force.
+pub const GUARDED_CONFIG: &str = r#"
+[server]
+workers = 2
+shutdown_grace = "5s"
+[dns]
+nameservers = ["127.0.0.1:1"]
+use_hosts_file = false
+"#;
+
+/// Send `CONNECT target` and return the response head only (the tunnel, if any, is closed).
+pub async fn connect_head(proxy: SocketAddr, target: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
