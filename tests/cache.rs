@@ -593,10 +593,11 @@ async fn stale_entries_are_revalidated_with_304_and_200_answers() {
     let client = kalmar.client();
 
     // ETag: If-None-Match, 304 refreshes the entry
-    let pq = "/reval?cc=max-age=1&etag=1";
+    // (max-age=2: the refreshed entry must still be fresh on the very next request)
+    let pq = "/reval?cc=max-age=2&etag=1";
     let url = origin.url(pq);
     let (_, _, body) = get(&client, &url, &[]).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let (status, h, again) = get(&client, &url, &[]).await;
     assert_eq!((status, again.as_str()), (200, body.as_str()));
     assert_eq!(cache_status(&h), "kalmar; fwd=stale; fwd-status=304");
@@ -609,7 +610,7 @@ async fn stale_entries_are_revalidated_with_304_and_200_answers() {
 
     // the resource changed: the origin answers 200, which replaces the entry
     origin.bump("/reval");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let (_, h, changed) = get(&client, &url, &[]).await;
     assert_eq!(changed, format!("v2 {pq}"));
     assert_eq!(cache_status(&h), "kalmar; fwd=stale; stored");
