@@ -57,6 +57,9 @@ pub enum ProxyError {
     Overloaded(usize),
     #[error("proxy is shutting down")]
     ShuttingDown,
+    /// `Cache-Control: only-if-cached` and no usable stored response (RFC 9111 5.2.1.7).
+    #[error("{0} is not in the cache (the request said only-if-cached)")]
+    NotCached(String),
 }
 
 // === impl ProxyError ===
@@ -82,6 +85,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream-timeout",
             ProxyError::Overloaded(_) => "overloaded",
             ProxyError::ShuttingDown => "shutting-down",
+            ProxyError::NotCached(_) => "not-cached",
         }
     }
 
@@ -102,7 +106,8 @@ impl ProxyError {
             ProxyError::Overloaded(_) | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. }
             | ProxyError::ResponseTimeout { .. }
-            | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::NotCached(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 

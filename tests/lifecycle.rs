@@ -53,6 +53,7 @@ fn check_config_accepts_valid_fixtures_and_the_embedded_default() {
 fn check_config_rejects_invalid_fixtures_naming_the_key() {
     let expect = [
         ("bad_duration.toml", "timeouts.connect"),
+        ("cache_object_size.toml", "cache.max_object_size"),
         ("bad_format.toml", "access_log.format"),
         ("bad_listen.toml", "server.listen"),
         ("bad_nameserver.toml", "dns.nameservers"),
@@ -153,7 +154,7 @@ async fn binary_serves_and_exits_zero_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(kalmar_bin())
+    let child = Command::new(kalmar_bin())
         .arg("--config")
         .arg(&config)
         .stdout(Stdio::piped())

@@ -53,6 +53,9 @@ pub struct Config {
     /// Per-source rate limits (`[[rate_limits]]`).
     #[serde(default)]
     pub rate_limits: Vec<crate::acl::RateLimitConfig>,
+    /// The response cache (`[cache]`).
+    #[serde(default)]
+    pub cache: crate::cache::CacheConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -257,6 +260,9 @@ impl Config {
                 ),
             ));
         }
+        self.cache
+            .validate()
+            .map_err(|e| invalid(e.key(), e.to_string()))?;
         for (i, ns) in self.dns.nameservers.iter().enumerate() {
             parse_nameserver(ns)
                 .map_err(|message| invalid(&format!("dns.nameservers[{i}]"), message))?;

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::cache::tee::Tee;
 use crate::connect::pool::PooledSender;
 use crate::proxy::ctx::RequestCtx;
 
@@ -37,6 +38,8 @@ enum Kind {
     Upstream {
         inner: Incoming,
         conn: Option<PooledSender>,
+        /// Stores the body as it streams (cacheable misses only).
+        tee: Option<Box<Tee>>,
     },
 }
 
@@ -110,6 +113,7 @@ impl ClientBody {
             kind: Kind::Upstream {
                 inner,
                 conn: Some(conn),
+                tee: None,
             },
             bytes: 0,
             ctx: None,
@@ -122,12 +126,32 @@ impl ClientBody {
         self
     }
 
+    /// Store the body in the cache while it streams (an upstream body; else a no-op).
+    pub fn with_tee(mut self, tee: Box<Tee>) -> ClientBody {
+        if let Kind::Upstream { tee: slot, .. } = &mut self.kind {
+            *slot = Some(tee);
+        }
+        self
+    }
+
     fn release_if_done(&mut self) {
-        if let Kind::Upstream { inner, conn } = &mut self.kind
+        if let Kind::Upstream { inner, .. } = &self.kind
             && inner.is_end_stream()
-            && let Some(conn) = conn.take()
         {
-            conn.release();
+            self.ended();
+        }
+    }
+
+    /// The upstream body ended cleanly: the connection goes back to the pool and the
+    /// tee stores what it kept.
+    fn ended(&mut self) {
+        if let Kind::Upstream { conn, tee, .. } = &mut self.kind {
+            if let Some(conn) = conn.take() {
+                conn.release();
+            }
+            if let Some(tee) = tee.take() {
+                tee.finish();
+            }
         }
     }
 }
@@ -155,13 +179,29 @@ impl Body for ClientBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
+                    if let Kind::Upstream {
+                        tee: tee @ Some(_), ..
+                    } = &mut this.kind
+                        && tee.as_mut().is_some_and(|t| !t.push(data))
+                    {
+                        // Too large to store: keep streaming, stop keeping.
+                        *tee = None;
+                    }
                 }
                 this.release_if_done();
             }
-            Poll::Ready(None) => this.release_if_done(),
+            Poll::Ready(None) => {
+                // A chunked body ends here (its `is_end_stream` never turns true); an empty
+                // kind afterwards makes the end visible to `is_end_stream` and `Drop`.
+                this.ended();
+                if matches!(this.kind, Kind::Upstream { .. }) {
+                    this.kind = Kind::Full(None);
+                }
+            }
             Poll::Ready(Some(Err(_))) => {
-                if let Kind::Upstream { conn, .. } = &mut this.kind {
+                if let Kind::Upstream { conn, tee, .. } = &mut this.kind {
                     conn.take();
+                    tee.take();
                 }
                 if let Some(ctx) = &mut this.ctx {
                     ctx.note_error("upstream-aborted");

@@ -128,6 +128,9 @@ impl RequestCtx {
             bytes_from_client,
             bytes_to_client,
         );
+        if let Some(cache) = self.cache {
+            self.metrics.cache(cache, bytes_to_client);
+        }
         AccessRecord {
             time: self.time,
             duration,

@@ -8,12 +8,15 @@
 //! | 3 | rate limit by source                    | 429                     |
 //! | 4 | parse target, method checks             | 400 / 405 / 501         |
 //! | 5 | authorize: rules × destination × ports  | 403                     |
+//! | 6 | cache lookup (plain-HTTP GET/HEAD)      | hit / 304 / 504 not-cached |
 //! | 7 | resolve, vet every address, dial        | 403 / 502 / 504         |
 //! | 8 | forward the exchange, or tunnel bytes   | 502 / 504               |
+//! | 9 | cache store, while the body streams     | –                       |
 //! |10 | error → response (`ProxyError::to_response`) | –                  |
 //! |11 | access-log line + metrics, when the body or tunnel is done | –    |
 
 pub mod body;
+pub mod cache_stage;
 pub mod ctx;
 pub mod forward;
 pub mod headers;
@@ -42,6 +45,8 @@ pub struct Proxy {
     pub log: AccessLog,
     pub pool: Arc<Pool>,
     pub tracker: Arc<crate::server::Tracker>,
+    /// The response cache; survives reloads (None when disabled at start).
+    pub cache: Option<Arc<crate::cache::Cache>>,
 }
 
 // === impl Proxy ===
@@ -133,7 +138,7 @@ impl Proxy {
             });
         }
 
-        // 7 + 8. connect and exchange
+        // 6-9. cache (plain HTTP), connect and exchange
         let check = |ip| {
             snap.policy
                 .check_address(&decision, ip)
@@ -154,7 +159,7 @@ impl Proxy {
                 tunnel::open(self, snap, ctx, &target, check, req, permit).await
             }
             crate::acl::Protocol::Http => {
-                forward::forward(self, snap, ctx, &target, check, req).await
+                cache_stage::serve(self, snap, ctx, &target, check, req).await
             }
         }
     }
