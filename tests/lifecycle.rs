@@ -153,7 +153,7 @@ async fn binary_serves_and_exits_zero_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(kalmar_bin())
+    let child = Command::new(kalmar_bin())
         .arg("--config")
         .arg(&config)
         .stdout(Stdio::piped())

@@ -8,7 +8,7 @@
 //! | 3 | rate limit by source                    | 429                     |
 //! | 4 | parse target, method checks             | 400 / 405 / 501         |
 //! | 5 | authorize: rules × destination × ports  | 403                     |
-//! | 7 | resolve, vet every address, dial        | 403 / 502 / 504         |
+//! | 7 | route (direct / parent), resolve, vet every address, dial | 403 / 502 / 504 |
 //! | 8 | forward the exchange, or tunnel bytes   | 502 / 504               |
 //! |10 | error → response (`ProxyError::to_response`) | –                  |
 //! |11 | access-log line + metrics, when the body or tunnel is done | –    |
@@ -27,7 +27,9 @@ use hyper::body::Incoming;
 
 use crate::access_log::AccessLog;
 use crate::acl::{Destination, Verdict};
+use crate::connect;
 use crate::connect::pool::Pool;
+use crate::connect::upstream::Route;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::state::{SharedState, Snapshot};
@@ -142,6 +144,20 @@ impl Proxy {
                     message: denied.to_string(),
                 })
         };
+        // 7a. route: direct, or through a parent proxy (after the ACL, never instead of it)
+        let route = snap
+            .upstream
+            .route(&target.host, target.port, target.protocol);
+        if let Route::Parents(_) = route {
+            connect::vet_for_parent(
+                &snap.resolver,
+                &self.metrics,
+                &target.host,
+                snap.upstream.check_resolved,
+                &check,
+            )
+            .await?;
+        }
         match target.protocol {
             crate::acl::Protocol::Connect => {
                 let permit = snap
@@ -151,11 +167,22 @@ impl Proxy {
                         retry_after: e.retry_after,
                         limit: e.limit.to_string(),
                     })?;
-                tunnel::open(self, snap, ctx, &target, check, req, permit).await
+                match route {
+                    Route::Direct(_) => {
+                        tunnel::open(self, snap, ctx, &target, check, req, permit).await
+                    }
+                    Route::Parents(parents) => {
+                        tunnel::open_via_parent(self, snap, ctx, &target, parents, req, permit)
+                            .await
+                    }
+                }
             }
-            crate::acl::Protocol::Http => {
-                forward::forward(self, snap, ctx, &target, check, req).await
-            }
+            crate::acl::Protocol::Http => match route {
+                Route::Direct(_) => forward::forward(self, snap, ctx, &target, check, req).await,
+                Route::Parents(parents) => {
+                    forward::forward_via_parent(self, snap, ctx, &target, parents, req).await
+                }
+            },
         }
     }
 }
