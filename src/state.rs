@@ -11,6 +11,7 @@ use http::HeaderValue;
 use crate::acl::{AclConfig, Policy};
 use crate::config::{Config, ConfigError};
 use crate::connect::resolver::Resolver;
+use crate::connect::upstream::Upstream;
 use crate::limit::Limits;
 
 pub struct Snapshot {
@@ -18,6 +19,8 @@ pub struct Snapshot {
     pub policy: Policy,
     pub limits: Limits,
     pub resolver: Resolver,
+    /// Parent proxies, their health, and the bypass list.
+    pub upstream: Upstream,
     /// Pre-rendered `Via` value, or None when `proxy.via = false`.
     pub via: Option<HeaderValue>,
 }
@@ -52,6 +55,7 @@ impl Snapshot {
             message: e.to_string(),
         })?;
         let resolver = Resolver::new(&config.dns)?;
+        let upstream = Upstream::compile(&config.upstream)?;
         let via = config
             .proxy
             .via
@@ -62,6 +66,7 @@ impl Snapshot {
             policy,
             limits,
             resolver,
+            upstream,
             via,
         })
     }

@@ -56,6 +56,9 @@ pub struct Config {
     /// The response cache (`[cache]`).
     #[serde(default)]
     pub cache: crate::cache::CacheConfig,
+    /// Parent proxies and the destinations that bypass them.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,6 +119,45 @@ pub struct DnsConfig {
     pub timeout: Duration,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Parent proxy URLs for every request (unless the per-scheme lists below are set).
+    pub parents: Vec<SecretUrl>,
+    /// Parents for plain-HTTP requests (`http_proxy`); empty = `parents`.
+    pub http_parents: Vec<SecretUrl>,
+    /// Parents for CONNECT tunnels (`https_proxy`); empty = `parents`.
+    pub https_parents: Vec<SecretUrl>,
+    /// Destinations that bypass the parents (`no_proxy`).
+    pub direct: Vec<String>,
+    pub selection: Selection,
+    #[serde(with = "humantime_serde")]
+    pub down_backoff: Duration,
+    pub check_resolved_destinations: bool,
+    /// Extra CA certificates (PEM) for `https://` parents; empty = system roots only.
+    pub ca_file: PathBuf,
+    /// A file holding `user:password` for parents without credentials in their URL.
+    pub credentials_file: PathBuf,
+    /// The name of an environment variable holding `user:password`, likewise.
+    pub credentials_env: String,
+}
+
+/// The order in which parents are tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Selection {
+    /// The first parent that is up, in configured order (others are fail-over).
+    Ordered,
+    /// Each request starts at the next parent (load spreading), skipping those down.
+    RoundRobin,
+}
+
+/// A URL that may carry `user:password@`: Debug and serialization (`check-config`) show
+/// the credentials as `***`; only [`SecretUrl::expose`] gives the text.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
 /// A configuration that could not be loaded; the message names the key and the value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -128,6 +170,61 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+// === impl UpstreamConfig ===
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            parents: Vec::new(),
+            http_parents: Vec::new(),
+            https_parents: Vec::new(),
+            direct: Vec::new(),
+            selection: Selection::Ordered,
+            down_backoff: Duration::from_secs(30),
+            check_resolved_destinations: true,
+            ca_file: PathBuf::new(),
+            credentials_file: PathBuf::new(),
+            credentials_env: String::new(),
+        }
+    }
+}
+
+// === impl Selection ===
+
+impl Selection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Selection::Ordered => "ordered",
+            Selection::RoundRobin => "round-robin",
+        }
+    }
+}
+
+// === impl SecretUrl ===
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> SecretUrl {
+        SecretUrl(url.into())
+    }
+
+    /// The URL as configured, credentials included: for building the parent, nothing else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", crate::connect::upstream::parent::redact(&self.0))
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::connect::upstream::parent::redact(&self.0))
+    }
 }
 
 // === impl Config ===
@@ -263,6 +360,28 @@ impl Config {
         self.cache
             .validate()
             .map_err(|e| invalid(e.key(), e.to_string()))?;
+        if self.upstream.down_backoff.is_zero() {
+            return Err(invalid(
+                "upstream.down_backoff",
+                "0s: must be greater than zero".into(),
+            ));
+        }
+        for (key, urls) in [
+            ("parents", &self.upstream.parents),
+            ("http_parents", &self.upstream.http_parents),
+            ("https_parents", &self.upstream.https_parents),
+        ] {
+            for (i, url) in urls.iter().enumerate() {
+                // Empty entries are skipped: an empty environment value means "no parents".
+                if url.expose().trim().is_empty() {
+                    continue;
+                }
+                crate::connect::upstream::parent::ParentUrl::parse(url.expose())
+                    .map_err(|e| invalid(&format!("upstream.{key}[{i}]"), e.to_string()))?;
+            }
+        }
+        crate::connect::upstream::direct::DirectList::parse(&self.upstream.direct)
+            .map_err(|(i, e)| invalid(&format!("upstream.direct[{i}]"), e.to_string()))?;
         for (i, ns) in self.dns.nameservers.iter().enumerate() {
             parse_nameserver(ns)
                 .map_err(|message| invalid(&format!("dns.nameservers[{i}]"), message))?;

@@ -6,6 +6,7 @@
 
 pub mod pool;
 pub mod resolver;
+pub mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -57,6 +58,34 @@ pub async fn resolve_vetted(
         (true, Some(denial)) => Err(denial),
         (true, None) => Err(dns_error(host, ResolveError::NoAddresses)),
         _ => Ok(Vetted { addrs }),
+    }
+}
+
+/// For a parent route the parent dials, so there is no address to pin; but every address
+/// the name has *locally* must pass the guard (one denied address denies: the parent may
+/// pick any of them), so that chaining cannot reach an internal host. With `resolve` off
+/// only literal IPs are checked. A name that does not resolve here is left to the parent,
+/// whose own DNS may know it.
+pub async fn vet_for_parent(
+    resolver: &Resolver,
+    metrics: &Metrics,
+    host: &crate::acl::Host,
+    resolve: bool,
+    mut check: impl FnMut(IpAddr) -> Result<(), ProxyError>,
+) -> Result<(), ProxyError> {
+    match host {
+        crate::acl::Host::Ip(ip) => check(*ip),
+        crate::acl::Host::Name(_) if !resolve => Ok(()),
+        crate::acl::Host::Name(_) => match resolver.resolve(host).await {
+            Ok(ips) => {
+                metrics.dns_lookup(true);
+                ips.into_iter().try_for_each(check)
+            }
+            Err(_) => {
+                metrics.dns_lookup(false);
+                Ok(())
+            }
+        },
     }
 }
 

@@ -4,6 +4,7 @@
 //! read to its end (`PooledSender::release`); a body abandoned half-way closes its
 //! connection instead. Keying by the *checked* socket address (not the name) means a pooled
 //! connection is only ever reused for an address that passed the destination guard.
+//! Connections to a parent proxy are keyed by the parent (`scheme://host:port`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ pub struct Pool {
 
 struct Idle {
     sender: SendRequest<UpstreamBody>,
+    peer: SocketAddr,
     since: Instant,
 }
 
@@ -37,6 +39,8 @@ struct Idle {
 pub struct PooledSender {
     pub sender: SendRequest<UpstreamBody>,
     pub key: PoolKey,
+    /// The socket address this connection was dialled to (origin or parent).
+    pub peer: SocketAddr,
     /// True when this connection came from the pool (it may have been closed by the
     /// peer meanwhile, so a request that was not sent may be retried on a new one).
     pub reused: bool,
@@ -63,6 +67,7 @@ impl Pool {
                 return Some(PooledSender {
                     sender: entry.sender,
                     key: key.clone(),
+                    peer: entry.peer,
                     reused: true,
                     pool: self.clone(),
                 });
@@ -76,17 +81,19 @@ impl Pool {
     pub fn fresh(
         self: &Arc<Self>,
         key: PoolKey,
+        peer: SocketAddr,
         sender: SendRequest<UpstreamBody>,
     ) -> PooledSender {
         PooledSender {
             sender,
             key,
+            peer,
             reused: false,
             pool: self.clone(),
         }
     }
 
-    fn put(&self, key: PoolKey, sender: SendRequest<UpstreamBody>) {
+    fn put(&self, key: PoolKey, peer: SocketAddr, sender: SendRequest<UpstreamBody>) {
         if self.max_idle_per_key == 0 {
             return;
         }
@@ -98,6 +105,7 @@ impl Pool {
         }
         list.push(Idle {
             sender,
+            peer,
             since: Instant::now(),
         });
     }
@@ -123,13 +131,13 @@ impl PooledSender {
     /// next request on it (it may need a moment to finish reading the previous message).
     pub fn release(mut self) {
         if self.sender.is_ready() {
-            self.pool.put(self.key, self.sender);
+            self.pool.put(self.key, self.peer, self.sender);
         } else if !self.sender.is_closed() {
             let pool = self.pool.clone();
             tokio::spawn(async move {
                 let ready = tokio::time::timeout(Duration::from_secs(1), self.sender.ready()).await;
                 if let Ok(Ok(())) = ready {
-                    pool.put(self.key, self.sender);
+                    pool.put(self.key, self.peer, self.sender);
                 }
             });
         }

@@ -35,6 +35,7 @@ use crate::cache::key::{
 };
 use crate::cache::tee::Tee;
 use crate::cache::{Cache, Entry, Flight, FlightGuard, Lookup, Outcome};
+use crate::connect::upstream::Route;
 use crate::error::ProxyError;
 use crate::state::Snapshot;
 
@@ -44,16 +45,17 @@ pub async fn serve(
     snap: &Arc<Snapshot>,
     ctx: &mut RequestCtx,
     target: &Target,
+    route: &Route<'_>,
     check: impl FnMut(IpAddr) -> Result<(), ProxyError>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ClientBody>, ProxyError> {
     let cache = match &proxy.cache {
         Some(cache) if snap.config.cache.enabled => cache,
-        _ => return forward::forward(proxy, snap, ctx, target, check, req).await,
+        _ => return forward::exchange(proxy, snap, ctx, target, route, check, req).await,
     };
     let method = req.method().clone();
     if method != Method::GET && method != Method::HEAD {
-        let response = forward::forward(proxy, snap, ctx, target, check, req).await?;
+        let response = forward::exchange(proxy, snap, ctx, target, route, check, req).await?;
         if !is_safe(&method)
             && (response.status().is_success() || response.status().is_redirection())
         {
@@ -67,7 +69,7 @@ pub async fn serve(
         ));
     }
     if key::bypasses(req.headers()) {
-        let response = forward::forward(proxy, snap, ctx, target, check, req).await?;
+        let response = forward::exchange(proxy, snap, ctx, target, route, check, req).await?;
         return Ok(annotate(
             ctx,
             response,
@@ -130,7 +132,7 @@ pub async fn serve(
                 req.headers_mut().insert(name, v.clone());
             }
         }
-        let response = forward::forward(proxy, snap, ctx, target, check, req).await?;
+        let response = forward::exchange(proxy, snap, ctx, target, route, check, req).await?;
         if response.status() == StatusCode::NOT_MODIFIED {
             let vary = lookup.vary.as_ref().map_or(&[][..], |spec| &spec.names[..]);
             let stored = CacheRequest {
@@ -209,7 +211,7 @@ pub async fn serve(
         }
     }
     cond.restore(req.headers_mut());
-    let response = forward::forward(proxy, snap, ctx, target, check, req).await?;
+    let response = forward::exchange(proxy, snap, ctx, target, route, check, req).await?;
     if head {
         return Ok(annotate(
             ctx,

@@ -9,7 +9,7 @@
 //! | 4 | parse target, method checks             | 400 / 405 / 501         |
 //! | 5 | authorize: rules × destination × ports  | 403                     |
 //! | 6 | cache lookup (plain-HTTP GET/HEAD)      | hit / 304 / 504 not-cached |
-//! | 7 | resolve, vet every address, dial        | 403 / 502 / 504         |
+//! | 7 | route (direct / parent), resolve, vet every address, dial | 403 / 502 / 504 |
 //! | 8 | forward the exchange, or tunnel bytes   | 502 / 504               |
 //! | 9 | cache store, while the body streams     | –                       |
 //! |10 | error → response (`ProxyError::to_response`) | –                  |
@@ -30,7 +30,9 @@ use hyper::body::Incoming;
 
 use crate::access_log::AccessLog;
 use crate::acl::{Destination, Verdict};
+use crate::connect;
 use crate::connect::pool::Pool;
+use crate::connect::upstream::Route;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::state::{SharedState, Snapshot};
@@ -147,6 +149,20 @@ impl Proxy {
                     message: denied.to_string(),
                 })
         };
+        // 7a. route: direct, or through a parent proxy (after the ACL, never instead of it)
+        let route = snap
+            .upstream
+            .route(&target.host, target.port, target.protocol);
+        if let Route::Parents(_) = route {
+            connect::vet_for_parent(
+                &snap.resolver,
+                &self.metrics,
+                &target.host,
+                snap.upstream.check_resolved,
+                &check,
+            )
+            .await?;
+        }
         match target.protocol {
             crate::acl::Protocol::Connect => {
                 let permit = snap
@@ -156,10 +172,18 @@ impl Proxy {
                         retry_after: e.retry_after,
                         limit: e.limit.to_string(),
                     })?;
-                tunnel::open(self, snap, ctx, &target, check, req, permit).await
+                match route {
+                    Route::Direct(_) => {
+                        tunnel::open(self, snap, ctx, &target, check, req, permit).await
+                    }
+                    Route::Parents(parents) => {
+                        tunnel::open_via_parent(self, snap, ctx, &target, parents, req, permit)
+                            .await
+                    }
+                }
             }
             crate::acl::Protocol::Http => {
-                cache_stage::serve(self, snap, ctx, &target, check, req).await
+                cache_stage::serve(self, snap, ctx, &target, &route, check, req).await
             }
         }
     }
