@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub upstream: Upstream,
     /// Pre-rendered `Via` value, or None when `proxy.via = false`.
     pub via: Option<HeaderValue>,
+    /// `proxy.request_id_header`, parsed; None when off.
+    pub request_id_header: Option<http::HeaderName>,
 }
 
 /// Where the configuration comes from, so that a reload reads the same sources again.
@@ -61,7 +63,17 @@ impl Snapshot {
             .via
             .then(|| HeaderValue::from_str(&format!("1.1 {}", config.proxy.via_name)).ok())
             .flatten();
+        let request_id_header = match config.proxy.request_id_header.as_str() {
+            "" => None,
+            name => Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                ConfigError::Invalid {
+                    key: "proxy.request_id_header".into(),
+                    message: format!("{name:?} is not a valid header name"),
+                }
+            })?),
+        };
         Ok(Snapshot {
+            request_id_header,
             config: Arc::new(config),
             policy,
             limits,

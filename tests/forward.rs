@@ -344,3 +344,41 @@ async fn access_log_has_one_json_line_per_request() {
     assert!(id.is_none());
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_reaches_the_origin_only_when_configured() {
+    let origin = Origin::start().await;
+    let off = Kalmar::start("");
+    let body = off
+        .client()
+        .get(origin.url("/headers"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!body.contains("x-request-id"), "{body}");
+
+    let on = Kalmar::start("[proxy]\nrequest_id_header = \"X-Request-Id\"");
+    let body = on
+        .client()
+        .get(origin.url("/headers"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sent = body
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("header sent")
+        .to_owned();
+    let lines = on.log_lines(1);
+    assert_eq!(
+        lines[0]["request_id"],
+        sent.as_str(),
+        "the origin's id joins the access-log line"
+    );
+}

@@ -106,6 +106,9 @@ pub struct ProxyConfig {
     pub x_forwarded_for: ForwardedFor,
     pub allow_trace: bool,
     pub max_idle_per_origin: usize,
+    /// Header that carries the request id to the origin; "" = not sent.
+    #[serde(default)]
+    pub request_id_header: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -49,15 +49,7 @@ pub async fn forward(
     .await?;
 
     let (mut parts, body) = req.into_parts();
-    rewrite_request(
-        &mut parts.headers,
-        &RequestRewrite {
-            via: snap.via.as_ref(),
-            forwarded_for: config.proxy.x_forwarded_for,
-            client_ip: ctx.client.ip(),
-            host: &target.authority,
-        },
-    );
+    rewrite_request(&mut parts.headers, &request_rewrite(snap, ctx, target));
     parts.uri = target.origin_form();
     parts.version = Version::HTTP_11;
     let mut request = Request::from_parts(
@@ -104,6 +96,24 @@ pub async fn forward(
 
 /// Send the request through one of `parents`. A parent whose connect fails is marked down
 /// and the next one tried (the request has not been sent); once sent, a failure is final.
+/// How the request's headers change on the way out, for any route.
+fn request_rewrite<'a>(
+    snap: &'a Snapshot,
+    ctx: &'a RequestCtx,
+    target: &'a Target,
+) -> RequestRewrite<'a> {
+    RequestRewrite {
+        via: snap.via.as_ref(),
+        forwarded_for: snap.config.proxy.x_forwarded_for,
+        client_ip: ctx.client.ip(),
+        host: &target.authority,
+        request_id: snap
+            .request_id_header
+            .as_ref()
+            .map(|name| (name, ctx.id.as_str())),
+    }
+}
+
 /// The exchange with whatever the route says: the origin itself, or a parent proxy.
 pub async fn exchange(
     proxy: &Arc<Proxy>,
@@ -131,15 +141,7 @@ pub async fn forward_via_parent(
     let config = &snap.config;
     let mut attempts = parents.attempts()?;
     let (mut parts, body) = req.into_parts();
-    rewrite_request(
-        &mut parts.headers,
-        &RequestRewrite {
-            via: snap.via.as_ref(),
-            forwarded_for: config.proxy.x_forwarded_for,
-            client_ip: ctx.client.ip(),
-            host: &target.authority,
-        },
-    );
+    rewrite_request(&mut parts.headers, &request_rewrite(snap, ctx, target));
     parts.uri = target.absolute_form()?;
     parts.version = Version::HTTP_11;
     let mut request = Request::from_parts(

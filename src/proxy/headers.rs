@@ -27,6 +27,8 @@ pub struct RequestRewrite<'a> {
     pub client_ip: IpAddr,
     /// Canonical `host[:port]` of the target; replaces any Host the client sent (RFC 9112 3.2.2).
     pub host: &'a str,
+    /// `proxy.request_id_header` and this request's id, when the header is configured.
+    pub request_id: Option<(&'a HeaderName, &'a str)>,
 }
 
 /// Remove hop-by-hop headers, including every header named in `Connection`.
@@ -68,6 +70,11 @@ pub fn rewrite_request(headers: &mut HeaderMap, rw: &RequestRewrite<'_>) {
     }
     if let Some(via) = rw.via {
         append_value(headers, header::VIA, via);
+    }
+    if let Some((name, id)) = rw.request_id
+        && let Ok(value) = HeaderValue::from_str(id)
+    {
+        headers.insert(name.clone(), value);
     }
 }
 
@@ -143,6 +150,7 @@ mod tests {
             forwarded_for: ForwardedFor::On,
             client_ip: "127.0.0.2".parse().unwrap(),
             host: "example.com:8080",
+            request_id: None,
         };
         rewrite_request(&mut h, &rw);
         assert_eq!(h[header::HOST], "example.com:8080");
