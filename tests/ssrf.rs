@@ -130,10 +130,8 @@ async fn internal_names_are_403_naming_address_and_range() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explicit_allow_opens_exactly_what_it_names() {
     let canary = Origin::start().await;
-    let config = format!(
-        "[destinations]\nallowed_cidrs = [\"127.0.0.1/32\"]\n[dns]\nhosts = {{ \"canary.test\" = [\"127.0.0.1\"], \"neighbour.test\" = [\"127.0.0.2\"] }}\n"
-    );
-    let kalmar = Kalmar::start_with(GUARDED_CONFIG, &config);
+    let config = "[destinations]\nallowed_cidrs = [\"127.0.0.1/32\"]\n[dns]\nhosts = { \"canary.test\" = [\"127.0.0.1\"], \"neighbour.test\" = [\"127.0.0.2\"] }\n";
+    let kalmar = Kalmar::start_with(GUARDED_CONFIG, config);
     let client = kalmar.client();
     let r = client
         .get(format!("http://canary.test:{}/hello", canary.addr.port()))
