@@ -68,7 +68,8 @@ impl RequestCtx {
             client: conn.peer,
             method: req.method().clone(),
             version: req.version(),
-            target: req.uri().to_string(),
+            // Filled by the target stage; a request that never gets there logs its raw URI.
+            target: String::new(),
             user_agent: headers.get(http::header::USER_AGENT).cloned(),
             referer: headers.get(http::header::REFERER).cloned(),
             source_name: None,

@@ -64,10 +64,14 @@ impl Proxy {
         let slot = self.log.reserve().await;
         let mut ctx = Box::new(RequestCtx::new(conn, &req, self.metrics.clone(), slot));
         let snap = self.state.load();
+        let raw_uri = req.uri().clone();
         let mut response = match self.process(&snap, &mut ctx, req).await {
             Ok(response) => response,
             Err(err) => {
                 ctx.note_error(err.kind());
+                if ctx.target.is_empty() {
+                    ctx.target = raw_uri.to_string();
+                }
                 if let ProxyError::Denied { kind, .. } = &err {
                     self.metrics.denied(kind);
                 }
