@@ -80,11 +80,12 @@ impl Tracker {
         })
     }
 
-    /// A connection slot, or None at `max` connections.
+    /// A connection slot, or None at `max` client connections. A tunnel is a client
+    /// connection too (hyper has handed its socket over, so it counts separately).
     pub fn try_connection(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {
         let mut current = self.connections.load(Ordering::Relaxed);
         loop {
-            if current >= max {
+            if current + self.tunnels.load(Ordering::Relaxed) >= max {
                 return None;
             }
             match self.connections.compare_exchange_weak(

@@ -272,3 +272,37 @@ async fn idle_keep_alive_client_is_closed() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tunnels_count_against_max_connections() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let kalmar = Kalmar::start("[server]\nmax_connections = 2");
+    let mut tunnels = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(kalmar.addr).await.unwrap();
+        s.write_all(format!("CONNECT {addr} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        tunnels.push(s);
+        // hyper hands the socket to the tunnel a moment after the 200; until then the
+        // connection and the tunnel both count.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let answer = raw_exchange(
+        kalmar.addr,
+        b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+}
