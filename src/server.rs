@@ -25,7 +25,7 @@ use tokio::sync::{Notify, watch};
 use crate::access_log::AccessRecord;
 use crate::error::raw_error_response;
 use crate::proxy::Proxy;
-use crate::proxy::ctx::{ConnInfo, ROUTE_NONE};
+use crate::proxy::ctx::ConnInfo;
 
 /// Headers accepted in one request head (beyond it: 431).
 const MAX_HEADERS: usize = 128;
@@ -462,7 +462,7 @@ fn log_rejected(
         rule: None,
         verdict: "none",
         reason: "none",
-        route: Arc::from(ROUTE_NONE),
+        route: crate::proxy::ctx::route_none(),
         cache: None,
         content_type: None,
         user_agent: None,

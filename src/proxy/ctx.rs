@@ -18,6 +18,21 @@ pub const ROUTE_DIRECT: &str = "direct";
 /// The route label when nothing was dialled.
 pub const ROUTE_NONE: &str = "none";
 
+/// [`ROUTE_DIRECT`] as a shared `Arc<str>`: a reference-count bump, not an allocation,
+/// per request.
+pub fn route_direct() -> Arc<str> {
+    static ROUTE: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| Arc::from(ROUTE_DIRECT));
+    ROUTE.clone()
+}
+
+/// [`ROUTE_NONE`] as a shared `Arc<str>`.
+pub fn route_none() -> Arc<str> {
+    static ROUTE: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| Arc::from(ROUTE_NONE));
+    ROUTE.clone()
+}
+
 /// The client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -77,7 +92,7 @@ impl RequestCtx {
             rule: None,
             verdict: "none",
             reason: "none",
-            route: Arc::from(ROUTE_NONE),
+            route: route_none(),
             resolved: None,
             cache: None,
             status: 0,

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 
 use super::Proxy;
 use super::body::{ClientBody, UpstreamBody};
-use super::ctx::{ROUTE_DIRECT, RequestCtx};
+use super::ctx::{RequestCtx, route_direct};
 use super::headers::{RequestRewrite, rewrite_request, rewrite_response};
 use super::target::Target;
 use crate::connect::pool::{PoolKey, PooledSender};
@@ -56,7 +56,7 @@ pub async fn forward(
         parts,
         UpstreamBody::from_client(body, ctx.bytes_from_client.clone()),
     );
-    ctx.route = Arc::from(ROUTE_DIRECT);
+    ctx.route = route_direct();
 
     // A pooled connection may have been closed by the origin a moment ago; hyper hands the
     // request back when it was not sent, and then one fresh connection is tried.

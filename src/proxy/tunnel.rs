@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 
 use super::Proxy;
 use super::body::ClientBody;
-use super::ctx::{ROUTE_DIRECT, RequestCtx};
+use super::ctx::{RequestCtx, route_direct};
 use super::target::Target;
 use crate::connect;
 use crate::connect::upstream::{HandshakeError, ParentSet, ParentStream, connect_handshake};
@@ -93,7 +93,7 @@ pub async fn open(
     let (origin, addr) =
         connect::dial(&vetted, snap.config.timeouts.connect, &proxy.metrics).await?;
     ctx.resolved = Some(addr);
-    ctx.route = Arc::from(ROUTE_DIRECT);
+    ctx.route = route_direct();
     Ok(spawn_tunnel(
         proxy,
         snap,
