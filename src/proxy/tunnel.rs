@@ -247,6 +247,13 @@ fn take_client_stream(
         Some(prefix) => prefix,
         None => parts.read_buf,
     };
+    // `read_buf` is a view into hyper's whole read buffer (8 KiB+): keep only the bytes,
+    // so that an idle tunnel does not hold hyper's buffer for its lifetime.
+    let buffered = if buffered.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&buffered)
+    };
     Ok((stream, buffered))
 }
 
@@ -265,12 +272,14 @@ pub async fn relay(
     let last_activity = AtomicU64::new(0);
     let up_bytes = AtomicU64::new(buffered.len() as u64);
     let down_bytes = AtomicU64::new(early.len() as u64);
+    let (mut buffered, mut early) = (Some(buffered), Some(early));
     let relay = async {
-        if !buffered.is_empty() {
-            write_all(&origin, &buffered).await?;
+        // Written, then dropped: nothing but the sockets lives on while the tunnel idles.
+        if let Some(bytes) = buffered.take().filter(|b| !b.is_empty()) {
+            write_all(&origin, &bytes).await?;
         }
-        if !early.is_empty() {
-            write_all(&client, &early).await?;
+        if let Some(bytes) = early.take().filter(|b| !b.is_empty()) {
+            write_all(&client, &bytes).await?;
         }
         tokio::try_join!(
             pipe(&client, &origin, &up_bytes, &last_activity, start),
