@@ -399,7 +399,24 @@ async fn pipe(
         let mut buf = Vec::with_capacity(BURST_BUF);
         loop {
             buf.clear();
-            match from.try_read_buf(&mut buf) {
+            // A read shorter than the buffer drained the socket, so readiness is cleared
+            // right away (by answering WouldBlock to `try_io`) instead of paying one more
+            // read() per burst just to hear WouldBlock. Bytes that arrive meanwhile raise a
+            // new readiness event, which tokio does not clear.
+            let mut drained = false;
+            let read = from.try_io(tokio::io::Interest::READABLE, || {
+                let n = from.try_read_buf(&mut buf)?;
+                if n > 0 && n < BURST_BUF {
+                    drained = true;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            let read = match read {
+                Err(e) if drained && e.kind() == io::ErrorKind::WouldBlock => Ok(buf.len()),
+                other => other,
+            };
+            match read {
                 Ok(0) => {
                     // Peer finished sending: pass the FIN on, keep the other direction open.
                     let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
@@ -409,6 +426,9 @@ async fn pipe(
                     activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
                     write_all(to, &buf[..n]).await?;
                     total.fetch_add(n as u64, Ordering::Relaxed);
+                    if drained {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
