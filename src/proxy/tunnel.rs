@@ -395,8 +395,8 @@ async fn pipe(
 ) -> io::Result<()> {
     loop {
         from.readable().await?;
-        // The buffer lives only while this burst of data lasts.
-        let mut buf = Vec::with_capacity(BURST_BUF);
+        // The buffer is borrowed from this thread only while a burst of data lasts.
+        let mut buf = borrow_buffer();
         loop {
             buf.clear();
             // A read shorter than the buffer drained the socket, so readiness is cleared
@@ -434,7 +434,33 @@ async fn pipe(
                 Err(e) => return Err(e),
             }
         }
+        return_buffer(buf);
     }
+}
+
+thread_local! {
+    /// Relay buffers this thread lends for one burst at a time: idle tunnels hold none,
+    /// and a busy thread reuses a few instead of allocating 64 KiB per burst.
+    static SPARE_BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers a thread keeps for reuse; more concurrent bursts allocate and free their own.
+const SPARE_BUFFERS_PER_THREAD: usize = 8;
+
+fn borrow_buffer() -> Vec<u8> {
+    SPARE_BUFFERS
+        .with(|spare| spare.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(BURST_BUF))
+}
+
+fn return_buffer(mut buf: Vec<u8>) {
+    buf.clear();
+    SPARE_BUFFERS.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SPARE_BUFFERS_PER_THREAD {
+            spare.push(buf);
+        }
+    });
 }
 
 pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
