@@ -286,8 +286,13 @@ async fn serve_connection(
     let header_limit = config.server.max_request_header_size.as_u64() as usize;
 
     let (started, time) = (Instant::now(), SystemTime::now());
-    let prefix = match read_first_head(&stream, header_limit, config.timeouts.request_header).await
-    {
+    // A client that has not sent a complete request yet has nothing in flight: on shutdown
+    // it is closed at once instead of holding the drain for the whole header timeout.
+    let first_head = tokio::select! {
+        head = read_first_head(&stream, header_limit, config.timeouts.request_header) => head,
+        _ = proxy.tracker.shutting_down() => FirstHead::Closed,
+    };
+    let prefix = match first_head {
         FirstHead::Complete(prefix) => prefix,
         FirstHead::Closed => return,
         FirstHead::Reject {

@@ -265,3 +265,20 @@ async fn graceful_shutdown_lets_a_tunnel_finish() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_does_not_hold_up_shutdown() {
+    let mut kalmar =
+        Kalmar::start("[timeouts]\nrequest_header = \"30s\"\n[server]\nshutdown_grace = \"20s\"");
+    let _silent = tokio::net::TcpStream::connect(kalmar.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || kalmar.shutdown())
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}
