@@ -8,13 +8,6 @@ use std::time::{Duration, Instant};
 use support::origin::Origin;
 use support::{Kalmar, KalmarProcess, client_from, kalmar_bin};
 
-fn kind(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-kalmar-error")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
-
 const TEAMS: &str = r#"
 [[sources]]
 name = "team-a-pod"
@@ -70,13 +63,13 @@ async fn sources_get_labels_by_longest_prefix_and_rules_decide() {
     );
     let r = b.post(origin.url("/echo")).body("x").send().await.unwrap();
     assert_eq!(r.status(), 403);
-    assert_eq!(kind(&r), "denied");
+    assert_eq!(support::error_kind(&r), "denied");
 
     // 127.0.0.9 is in no entry: unknown, denied.
     let unknown = client_from(&proxy, "127.0.0.9");
     let r = unknown.get(origin.url("/hello")).send().await.unwrap();
     assert_eq!(r.status(), 403);
-    assert_eq!(kind(&r), "unknown-source");
+    assert_eq!(support::error_kind(&r), "unknown-source");
 
     // ops: a report rule lets it through but logs and counts a would-deny.
     let ops = client_from(&proxy, "127.0.0.1");
@@ -132,7 +125,7 @@ async fn ports_outside_the_lists_are_denied() {
     let client = kalmar.client();
     let r = client.get("http://127.0.0.1:22/").send().await.unwrap();
     assert_eq!(r.status(), 403);
-    assert_eq!(kind(&r), "port-not-allowed");
+    assert_eq!(support::error_kind(&r), "port-not-allowed");
     let answer = support::connect_head(kalmar.addr, "127.0.0.1:8443").await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert!(
@@ -165,7 +158,7 @@ max_tunnels = 1
     assert_eq!(&statuses[..2], &[200, 200], "{statuses:?}");
     let r = last.unwrap();
     assert_eq!(r.status(), 429);
-    assert_eq!(kind(&r), "rate-limited");
+    assert_eq!(support::error_kind(&r), "rate-limited");
     assert!(
         r.headers()["retry-after"]
             .to_str()

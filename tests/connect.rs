@@ -9,23 +9,6 @@ use support::{Kalmar, curl};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// CONNECT through `proxy` and return the stream after the 200.
-async fn open_tunnel(proxy: std::net::SocketAddr, target: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).await.unwrap() == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    (s, String::from_utf8_lossy(&head).into_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_through_a_tunnel_with_reqwest_and_curl() {
     let origin = TlsOrigin::start().await;
@@ -79,7 +62,7 @@ async fn half_close_keeps_the_other_direction_open() {
             .unwrap();
     });
     let kalmar = Kalmar::start("");
-    let (mut s, head) = open_tunnel(kalmar.addr, &addr.to_string()).await;
+    let (mut s, head) = support::open_tunnel(kalmar.addr, &addr.to_string()).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     s.write_all(&[1u8; 5000]).await.unwrap();
     s.shutdown().await.unwrap();
@@ -127,7 +110,7 @@ async fn connect_to_a_closed_port_is_502() {
         .local_addr()
         .unwrap();
     let kalmar = Kalmar::start("");
-    let (_s, head) = open_tunnel(kalmar.addr, &closed.to_string()).await;
+    let (_s, head) = support::open_tunnel(kalmar.addr, &closed.to_string()).await;
     assert!(head.starts_with("HTTP/1.1 502"), "{head}");
     assert!(head.contains("x-kalmar-error: connect-failed"), "{head}");
 }
@@ -135,7 +118,7 @@ async fn connect_to_a_closed_port_is_502() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_without_port_is_400() {
     let kalmar = Kalmar::start("");
-    let (_s, head) = open_tunnel(kalmar.addr, "example.test").await;
+    let (_s, head) = support::open_tunnel(kalmar.addr, "example.test").await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
 }
 
@@ -149,7 +132,7 @@ async fn idle_tunnel_is_closed_after_tunnel_idle() {
         drop(s);
     });
     let kalmar = Kalmar::start("[timeouts]\ntunnel_idle = \"500ms\"");
-    let (mut s, head) = open_tunnel(kalmar.addr, &addr.to_string()).await;
+    let (mut s, head) = support::open_tunnel(kalmar.addr, &addr.to_string()).await;
     assert!(head.starts_with("HTTP/1.1 200"));
     let started = Instant::now();
     let mut buf = Vec::new();

@@ -16,13 +16,6 @@ fn closed_port() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
-fn error_kind(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-kalmar-error")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_refused_is_502() {
     let kalmar = Kalmar::start("");
@@ -34,7 +27,7 @@ async fn connection_refused_is_502() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502);
-    assert_eq!(error_kind(&r), "connect-failed");
+    assert_eq!(support::error_kind(&r), "connect-failed");
     assert!(r.headers().contains_key("x-kalmar-request-id"));
     let body = r.text().await.unwrap();
     assert!(body.contains(&addr.to_string()), "{body}");
@@ -54,7 +47,7 @@ async fn unresolvable_name_is_502_dns_failure() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502);
-    assert_eq!(error_kind(&r), "dns-failure");
+    assert_eq!(support::error_kind(&r), "dns-failure");
     assert!(r.text().await.unwrap().contains("NXDOMAIN"));
     assert!(
         dns.queries.load(std::sync::atomic::Ordering::SeqCst) >= 1,
@@ -76,26 +69,9 @@ async fn names_resolve_through_the_test_dns_server() {
     assert_eq!(r.text().await.unwrap(), "hello");
 }
 
-/// A listener that never accepts, with its accept queue filled: SYNs to it go unanswered.
-fn black_hole() -> (socket2::Socket, SocketAddr, Vec<std::net::TcpStream>) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    socket.listen(0).unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            fillers.push(s);
-        }
-    }
-    (socket, addr, fillers)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_timeout_is_504() {
-    let (_socket, addr, _fillers) = black_hole();
+    let (_socket, addr, _fillers) = support::black_hole();
     let kalmar = Kalmar::start("[timeouts]\nconnect = \"500ms\"");
     let started = Instant::now();
     let r = kalmar
@@ -105,7 +81,7 @@ async fn connect_timeout_is_504() {
         .await
         .unwrap();
     assert_eq!(r.status(), 504);
-    assert_eq!(error_kind(&r), "connect-timeout");
+    assert_eq!(support::error_kind(&r), "connect-timeout");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -120,7 +96,7 @@ async fn slow_origin_is_504_response_timeout() {
         .await
         .unwrap();
     assert_eq!(r.status(), 504);
-    assert_eq!(error_kind(&r), "response-timeout");
+    assert_eq!(support::error_kind(&r), "response-timeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,7 +146,7 @@ async fn oversized_headers_are_431() {
         .await
         .unwrap();
     assert_eq!(r.status(), 431);
-    assert_eq!(error_kind(&r), "headers-too-large");
+    assert_eq!(support::error_kind(&r), "headers-too-large");
     let r = kalmar
         .client()
         .get(origin.url("/hello"))

@@ -14,33 +14,9 @@ use support::{Kalmar, client_via, curl};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn error_kind(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-kalmar-error")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
-
 fn upstream(parents: &[String], extra: &str) -> String {
     let list: Vec<String> = parents.iter().map(|p| format!("{p:?}")).collect();
     format!("[upstream]\nparents = [{}]\n{extra}", list.join(", "))
-}
-
-/// Raw CONNECT through `proxy`; returns the stream after the head, and the head.
-async fn open_tunnel(proxy: SocketAddr, target: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).await.unwrap() == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    (s, String::from_utf8_lossy(&head).into_owned())
 }
 
 // --- Kalmar chained to Kalmar ------------------------------------------------------------
@@ -158,14 +134,14 @@ async fn parent_errors_become_upstream_kinds() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502);
-    assert_eq!(error_kind(&r), "upstream-refused");
+    assert_eq!(support::error_kind(&r), "upstream-refused");
     let body = r.text().await.unwrap();
     assert!(
         body.contains("407") && body.contains(&addr.to_string()),
         "{body}"
     );
     assert!(!body.contains("login page"), "{body}");
-    let (_s, head) = open_tunnel(kalmar.addr, "127.0.0.1:443").await;
+    let (_s, head) = support::open_tunnel(kalmar.addr, "127.0.0.1:443").await;
     assert!(head.starts_with("HTTP/1.1 502"), "{head}");
     assert!(head.contains("x-kalmar-error: upstream-refused"), "{head}");
 
@@ -183,13 +159,13 @@ async fn parent_errors_become_upstream_kinds() {
             .await
             .unwrap();
         assert_eq!(r.status(), 502);
-        assert_eq!(error_kind(&r), "upstream-unavailable");
+        assert_eq!(support::error_kind(&r), "upstream-unavailable");
         let body = r.text().await.unwrap().to_lowercase();
         assert!(body.contains(expect), "{body}");
     }
 
     // A parent whose accept backlog is full: 504 upstream-timeout.
-    let (_socket, hole, _fillers) = black_hole();
+    let (_socket, hole, _fillers) = support::black_hole();
     let kalmar = Kalmar::start(&upstream(
         &[hole.to_string()],
         "[timeouts]\nconnect = \"500ms\"",
@@ -202,24 +178,8 @@ async fn parent_errors_become_upstream_kinds() {
         .await
         .unwrap();
     assert_eq!(r.status(), 504);
-    assert_eq!(error_kind(&r), "upstream-timeout");
+    assert_eq!(support::error_kind(&r), "upstream-timeout");
     assert!(started.elapsed() < Duration::from_secs(5));
-}
-
-fn black_hole() -> (socket2::Socket, SocketAddr, Vec<std::net::TcpStream>) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    socket.listen(0).unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            fillers.push(s);
-        }
-    }
-    (socket, addr, fillers)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,7 +261,7 @@ async fn internal_destinations_stay_denied_through_a_parent() {
         let r = client.get(url).send().await.unwrap();
         assert_eq!(r.status(), 403, "{url}");
     }
-    let (_s, head) = open_tunnel(kalmar.addr, "internal.test:443").await;
+    let (_s, head) = support::open_tunnel(kalmar.addr, "internal.test:443").await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     assert_eq!(parent.requests(), 0, "nothing internal reached the parent");
     // Public, and unknown to local DNS (NXDOMAIN): the parent resolves it.
@@ -434,7 +394,7 @@ async fn https_parent_with_a_ca_made_at_test_time() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502);
-    assert_eq!(error_kind(&r), "upstream-unavailable");
+    assert_eq!(support::error_kind(&r), "upstream-unavailable");
     assert!(r.text().await.unwrap().contains("TLS"));
 }
 
@@ -648,12 +608,12 @@ async fn squid_as_the_institutional_parent() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502);
-    assert_eq!(error_kind(&r), "upstream-refused");
+    assert_eq!(support::error_kind(&r), "upstream-refused");
     let body = r.text().await.unwrap();
     assert!(body.contains("status 407"), "{body}");
     assert!(!body.contains("nope"), "{body}");
     let (_s, head) =
-        open_tunnel(wrong.addr, &format!("127.0.0.1:{}", tls_origin.addr.port())).await;
+        support::open_tunnel(wrong.addr, &format!("127.0.0.1:{}", tls_origin.addr.port())).await;
     assert!(head.starts_with("HTTP/1.1 502"), "{head}");
     assert!(head.contains("upstream-refused"), "{head}");
 }
@@ -712,7 +672,7 @@ async fn squid_stopped_mid_test() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502);
-    assert_eq!(error_kind(&r), "upstream-unavailable");
+    assert_eq!(support::error_kind(&r), "upstream-unavailable");
 }
 
 // --- configuration -------------------------------------------------------------------------

@@ -316,8 +316,9 @@ nameservers = ["127.0.0.1:1"]
 use_hosts_file = false
 "#;
 
-/// Send `CONNECT target` and return the response head only (the tunnel, if any, is closed).
-pub async fn connect_head(proxy: SocketAddr, target: &str) -> String {
+/// Send `CONNECT target` through `proxy`; returns the stream after the response head, and
+/// the head (read byte by byte, so no tunnel bytes are consumed; 10 s at most).
+pub async fn open_tunnel(proxy: SocketAddr, target: &str) -> (tokio::net::TcpStream, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(proxy)
         .await
@@ -333,5 +334,41 @@ pub async fn connect_head(proxy: SocketAddr, target: &str) -> String {
             _ => break,
         }
     }
-    String::from_utf8_lossy(&head).into_owned()
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Send `CONNECT target` and return the response head only (the tunnel, if any, is closed).
+pub async fn connect_head(proxy: SocketAddr, target: &str) -> String {
+    open_tunnel(proxy, target).await.1
+}
+
+/// A listener that never accepts, with its accept queue filled: SYNs to it go unanswered,
+/// so a connect to it times out (while staying on loopback).
+pub fn black_hole() -> (socket2::Socket, SocketAddr, Vec<std::net::TcpStream>) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())
+        .expect("bind");
+    socket.listen(0).expect("listen");
+    let addr = socket
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet");
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            fillers.push(s);
+        }
+    }
+    (socket, addr, fillers)
+}
+
+/// The `X-Kalmar-Error` kind of a response ("" when absent).
+pub fn error_kind(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-kalmar-error")
+        .map(|v| v.to_str().unwrap_or("?").to_owned())
+        .unwrap_or_default()
 }
