@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use http::Method;
 use ipnet::IpNet;
+use smallvec::SmallVec;
 
 use super::address::{AllowList, embedded_ipv4};
 use super::config::{AclConfigError, Action, PortSpec, Problem, RuleConfig, check_name, check_net};
@@ -585,7 +586,7 @@ impl RuleSet {
             Some((labels, known)) => SourceView::Compact(labels, known),
             None => SourceView::Strings(id),
         };
-        let mut by_destination: Vec<&[u32]> = Vec::with_capacity(8);
+        let mut by_destination: IdLists = SmallVec::new();
         match dst.host {
             Host::Name(name) => self
                 .by_domain
@@ -600,7 +601,7 @@ impl RuleSet {
         by_destination.push(&self.any_destination);
 
         // The source side needs interned labels; otherwise the destination side alone will do.
-        let mut by_source: Vec<&[u32]> = Vec::new();
+        let mut by_source: IdLists = SmallVec::new();
         if let SourceView::Compact(labels, _) = source {
             by_source.reserve(labels.len() + 1);
             for &(key, value) in labels {
@@ -633,8 +634,11 @@ fn label_key(key: u32, value: u32) -> u64 {
     (u64::from(key) << 32) | u64::from(value)
 }
 
+/// Candidate rule-id lists for one request; on the stack for the usual few.
+type IdLists<'a> = SmallVec<[&'a [u32]; 8]>;
+
 /// Merges sorted id lists in increasing order (each id once) and returns the first that passes.
-fn first_in_order(mut lists: Vec<&[u32]>, mut test: impl FnMut(u32) -> bool) -> Option<u32> {
+fn first_in_order(mut lists: IdLists<'_>, mut test: impl FnMut(u32) -> bool) -> Option<u32> {
     lists.retain(|l| !l.is_empty());
     loop {
         let next = lists.iter().filter_map(|l| l.first()).min().copied()?;
@@ -800,12 +804,15 @@ mod tests {
         let b = [2u32, 4, 10];
         let c: [u32; 0] = [];
         let mut seen = Vec::new();
-        let first = first_in_order(vec![&a, &b, &c], |i| {
+        let first = first_in_order(smallvec::smallvec![&a[..], &b[..], &c[..]], |i| {
             seen.push(i);
             false
         });
         assert_eq!(first, None);
         assert_eq!(seen, [1, 2, 4, 9, 10]);
-        assert_eq!(first_in_order(vec![&a, &b], |i| i % 2 == 0), Some(2));
+        assert_eq!(
+            first_in_order(smallvec::smallvec![&a[..], &b[..]], |i| i % 2 == 0),
+            Some(2)
+        );
     }
 }

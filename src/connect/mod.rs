@@ -11,6 +11,7 @@ pub mod upstream;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
@@ -20,7 +21,8 @@ use resolver::{ResolveError, Resolver};
 /// Addresses that passed the destination guard, in the resolver's order.
 #[derive(Debug)]
 pub struct Vetted {
-    pub addrs: Vec<SocketAddr>,
+    /// Inline for the usual one or two addresses: no allocation per request.
+    pub addrs: SmallVec<[SocketAddr; 2]>,
 }
 
 /// Resolve `host` and keep the addresses `check` accepts. If DNS fails: 502 dns-failure;
@@ -32,11 +34,15 @@ pub async fn resolve_vetted(
     port: u16,
     mut check: impl FnMut(IpAddr) -> Result<(), ProxyError>,
 ) -> Result<Vetted, ProxyError> {
+    if let crate::acl::Host::Ip(ip) = host {
+        check(*ip)?;
+        return Ok(Vetted {
+            addrs: smallvec::smallvec![SocketAddr::new(*ip, port)],
+        });
+    }
     let ips = match resolver.resolve(host).await {
         Ok(ips) => {
-            if matches!(host, crate::acl::Host::Name(_)) {
-                metrics.dns_lookup(true);
-            }
+            metrics.dns_lookup(true);
             ips
         }
         Err(e) => {
@@ -45,7 +51,7 @@ pub async fn resolve_vetted(
         }
     };
     let mut first_denial = None;
-    let mut addrs = Vec::with_capacity(ips.len());
+    let mut addrs = SmallVec::with_capacity(ips.len());
     for ip in ips {
         match check(ip) {
             Ok(()) => addrs.push(SocketAddr::new(ip, port)),

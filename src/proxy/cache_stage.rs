@@ -47,12 +47,31 @@ pub async fn serve(
     target: &Target,
     route: &Route<'_>,
     check: impl FnMut(IpAddr) -> Result<(), ProxyError>,
+    req: Request<Incoming>,
+) -> Result<Response<ClientBody>, ProxyError> {
+    match &proxy.cache {
+        Some(cache) if snap.config.cache.enabled => {
+            // Boxed: the cache's states would otherwise size every request's future.
+            Box::pin(through_cache(
+                proxy, snap, cache, ctx, target, route, check, req,
+            ))
+            .await
+        }
+        _ => forward::exchange(proxy, snap, ctx, target, route, check, req).await,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn through_cache(
+    proxy: &Arc<Proxy>,
+    snap: &Arc<Snapshot>,
+    cache: &Arc<Cache>,
+    ctx: &mut RequestCtx,
+    target: &Target,
+    route: &Route<'_>,
+    check: impl FnMut(IpAddr) -> Result<(), ProxyError>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ClientBody>, ProxyError> {
-    let cache = match &proxy.cache {
-        Some(cache) if snap.config.cache.enabled => cache,
-        _ => return forward::exchange(proxy, snap, ctx, target, route, check, req).await,
-    };
     let method = req.method().clone();
     if method != Method::GET && method != Method::HEAD {
         let response = forward::exchange(proxy, snap, ctx, target, route, check, req).await?;

@@ -205,7 +205,8 @@ impl RequestCtx {
     }
 }
 
-/// A process-unique request id: a random 32-bit prefix (from the clock and pid) and a counter.
+/// A process-unique request id: a random 32-bit prefix (from the clock and pid) and a
+/// counter, `pppppppp-cccccccccc` in hex (written by hand: this runs for every request).
 fn next_request_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
@@ -217,5 +218,39 @@ fn next_request_id() -> String {
         nanos ^ std::process::id().rotate_left(16)
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix:08x}-{n:010x}")
+    let mut id = String::with_capacity(19);
+    push_hex(&mut id, u64::from(prefix), 8);
+    id.push('-');
+    push_hex(&mut id, n, 10);
+    id
+}
+
+/// The low `width` hex digits of `value`, zero-padded.
+fn push_hex(out: &mut String, value: u64, width: u32) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for shift in (0..width).rev() {
+        out.push(char::from(DIGITS[((value >> (shift * 4)) & 0xf) as usize]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_fixed_width_hex_and_distinct() {
+        let (a, b) = (next_request_id(), next_request_id());
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 19, "{id}");
+            assert_eq!(&id[8..9], "-");
+            assert!(
+                id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()),
+                "{id}"
+            );
+        }
+        let mut s = String::new();
+        push_hex(&mut s, 0xab, 10);
+        assert_eq!(s, "00000000ab");
+    }
 }

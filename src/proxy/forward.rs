@@ -126,7 +126,11 @@ pub async fn exchange(
 ) -> Result<Response<ClientBody>, ProxyError> {
     match route {
         Route::Direct(_) => forward(proxy, snap, ctx, target, check, req).await,
-        Route::Parents(parents) => forward_via_parent(proxy, snap, ctx, target, parents, req).await,
+        // Boxed: hyper moves the whole request future into place for every request, so
+        // the less common route's state lives on the heap, only when it is taken.
+        Route::Parents(parents) => {
+            Box::pin(forward_via_parent(proxy, snap, ctx, target, parents, req)).await
+        }
     }
 }
 
@@ -298,6 +302,16 @@ async fn checkout_or_dial(
             }
         }
     }
+    // Dialling and the handshake are the large, rarer part (kept-alive connections are
+    // reused): boxed so that they do not grow every request's future.
+    Box::pin(dial_origin(proxy, snap, vetted)).await
+}
+
+async fn dial_origin(
+    proxy: &Arc<Proxy>,
+    snap: &Snapshot,
+    vetted: &Vetted,
+) -> Result<PooledSender, ProxyError> {
     let (stream, addr) =
         connect::dial(vetted, snap.config.timeouts.connect, &proxy.metrics).await?;
     let (sender, connection) = hyper::client::conn::http1::Builder::new()

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 
 use crate::config::ForwardedFor;
 use crate::error::ERROR_HEADER;
@@ -33,28 +34,62 @@ pub struct RequestRewrite<'a> {
 
 /// Remove hop-by-hop headers, including every header named in `Connection`.
 /// `Transfer-Encoding` goes too: hyper re-frames the body on the other side.
+///
+/// This runs twice per request, so it makes one pass over the names present and removes
+/// only what is there, without allocating (a map holds a dozen headers; the fixed list
+/// alone would cost ten hash lookups).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .chain(headers.get_all("proxy-connection").iter())
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(&name);
+    let mut found: SmallVec<[HeaderName; 4]> = SmallVec::new();
+    let mut lists_names = false;
+    for name in headers.keys() {
+        if *name == header::CONNECTION || *name == HOP_BY_HOP[2] {
+            lists_names = true;
+        }
+        if *name == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(name) {
+            found.push(name.clone());
+        }
     }
-    for name in &HOP_BY_HOP {
+    if lists_names {
+        // Connection: keep-alive, X-Secret  ->  X-Secret goes too (`keep-alive` already
+        // does). `remove` takes the token as written: no lower-cased copy is allocated.
+        let mut named: SmallVec<[String; 2]> = SmallVec::new();
+        for value in headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .chain(headers.get_all(&HOP_BY_HOP[2]).iter())
+        {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                if !token.is_empty() && !is_listed_hop_by_hop(token) {
+                    named.push(token.to_owned());
+                }
+            }
+        }
+        for token in &named {
+            // An invalid name finds nothing (no panic): there is no such header to remove.
+            headers.remove(token.as_str());
+        }
+    }
+    for name in &found {
         headers.remove(name);
     }
-    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// `close` and `keep-alive` are the usual `Connection` tokens: no header to look up.
+fn is_listed_hop_by_hop(token: &str) -> bool {
+    token.eq_ignore_ascii_case("close")
+        || HOP_BY_HOP
+            .iter()
+            .any(|name| token.eq_ignore_ascii_case(name.as_str()))
 }
 
 /// Rewrite a request's headers for the next hop.
 pub fn rewrite_request(headers: &mut HeaderMap, rw: &RequestRewrite<'_>) {
     strip_hop_by_hop(headers);
-    if let Ok(host) = HeaderValue::from_str(rw.host) {
+    // Most clients already send exactly the canonical Host; only a different one is replaced.
+    if headers.get(header::HOST).map(HeaderValue::as_bytes) != Some(rw.host.as_bytes())
+        && let Ok(host) = HeaderValue::from_str(rw.host)
+    {
         headers.insert(header::HOST, host);
     }
     match rw.forwarded_for {
@@ -136,6 +171,44 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn strips_names_listed_in_either_connection_header() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close, X-A"));
+        h.append(header::CONNECTION, HeaderValue::from_static(" x-b ,,"));
+        h.insert(
+            "proxy-connection",
+            HeaderValue::from_static("X-C, bad name"),
+        );
+        for name in ["x-a", "x-b", "x-c", "x-d"] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-d"]);
+    }
+
+    #[test]
+    fn host_is_replaced_only_when_it_differs() {
+        let rw = RequestRewrite {
+            via: None,
+            forwarded_for: ForwardedFor::Off,
+            client_ip: "127.0.0.2".parse().unwrap(),
+            host: "example.com:8080",
+            request_id: None,
+        };
+        for sent in [None, Some("example.com:8080"), Some("Example.com:8080")] {
+            let mut h = HeaderMap::new();
+            if let Some(sent) = sent {
+                h.insert(header::HOST, HeaderValue::from_static(sent));
+            }
+            rewrite_request(&mut h, &rw);
+            assert_eq!(h.get_all(header::HOST).iter().count(), 1);
+            assert_eq!(h[header::HOST], "example.com:8080");
+        }
     }
 
     #[test]

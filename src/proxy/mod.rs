@@ -158,13 +158,13 @@ impl Proxy {
             .upstream
             .route(&target.host, target.port, target.protocol);
         if let Route::Parents(_) = route {
-            connect::vet_for_parent(
+            Box::pin(connect::vet_for_parent(
                 &snap.resolver,
                 &self.metrics,
                 &target.host,
                 snap.upstream.check_resolved,
                 &check,
-            )
+            ))
             .await?;
         }
         match target.protocol {
@@ -176,13 +176,17 @@ impl Proxy {
                         retry_after: e.retry_after,
                         limit: e.limit.to_string(),
                     })?;
+                // Boxed, as every branch but plain forwarding: the request future is moved
+                // into place per request, and only the common path should size it.
                 match route {
                     Route::Direct(_) => {
-                        tunnel::open(self, snap, ctx, &target, check, req, permit).await
+                        Box::pin(tunnel::open(self, snap, ctx, &target, check, req, permit)).await
                     }
                     Route::Parents(parents) => {
-                        tunnel::open_via_parent(self, snap, ctx, &target, parents, req, permit)
-                            .await
+                        Box::pin(tunnel::open_via_parent(
+                            self, snap, ctx, &target, parents, req, permit,
+                        ))
+                        .await
                     }
                 }
             }

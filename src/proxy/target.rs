@@ -103,7 +103,15 @@ impl Target {
     /// The URL as logged: `http://host[:port]/path?query`, no userinfo.
     pub fn log_target(&self) -> String {
         match (&self.protocol, &self.path_and_query) {
-            (Protocol::Http, Some(pq)) => format!("http://{}{}", self.authority, pq),
+            (Protocol::Http, Some(pq)) => {
+                const SCHEME: &str = "http://";
+                let pq = pq.as_str();
+                let mut url = String::with_capacity(SCHEME.len() + self.authority.len() + pq.len());
+                url.push_str(SCHEME);
+                url.push_str(&self.authority);
+                url.push_str(pq);
+                url
+            }
             _ => self.authority.clone(),
         }
     }
@@ -154,16 +162,32 @@ fn host_of(authority: &Authority) -> Result<Host, ProxyError> {
 }
 
 /// `host[:port]` in canonical spelling: the port is left out when it is the scheme default.
+/// Built in one allocation of the right size (this runs for every request).
 fn wire_authority(host: &Host, port: u16, default_port: Option<u16>) -> String {
-    let host = match host {
-        Host::Name(n) => n.clone(),
-        Host::Ip(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
-        Host::Ip(ip) => ip.to_string(),
-    };
-    if Some(port) == default_port {
-        host
-    } else {
-        format!("{host}:{port}")
+    let mut out = String::with_capacity(48);
+    match host {
+        Host::Name(n) => out.push_str(n),
+        Host::Ip(std::net::IpAddr::V4(v4)) => push_ipv4(&mut out, *v4),
+        Host::Ip(std::net::IpAddr::V6(v6)) => {
+            use std::fmt::Write;
+            let _ = write!(out, "[{v6}]");
+        }
+    }
+    if Some(port) != default_port {
+        out.push(':');
+        out.push_str(itoa::Buffer::new().format(port));
+    }
+    out
+}
+
+/// Dotted decimal, as `Ipv4Addr`'s `Display` writes it, without the formatter machinery.
+fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
+    let mut digits = itoa::Buffer::new();
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        out.push_str(digits.format(octet));
     }
 }
 
@@ -193,6 +217,14 @@ mod tests {
 
         let t = parse("GET", "http://0x7f000001/").unwrap();
         assert!(matches!(t.host, Host::Ip(ip) if ip.to_string() == "127.0.0.1"));
+        assert_eq!(t.authority, "127.0.0.1");
+
+        let t = parse("GET", "http://10.200.0.255:65535/x").unwrap();
+        assert_eq!(t.authority, "10.200.0.255:65535");
+        assert_eq!(t.log_target(), "http://10.200.0.255:65535/x");
+
+        let t = parse("GET", "http://[2001:DB8::1]:80/").unwrap();
+        assert_eq!(t.authority, "[2001:db8::1]");
     }
 
     #[test]
