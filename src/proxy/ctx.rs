@@ -85,8 +85,8 @@ impl RequestCtx {
             version: req.version(),
             // Filled by the target stage; a request that never gets there logs its raw URI.
             target: String::new(),
-            user_agent: headers.get(http::header::USER_AGENT).cloned(),
-            referer: headers.get(http::header::REFERER).cloned(),
+            user_agent: headers.get(http::header::USER_AGENT).map(owned_value),
+            referer: headers.get(http::header::REFERER).map(owned_value),
             source_name: None,
             labels: None,
             rule: None,
@@ -203,6 +203,16 @@ impl RequestCtx {
             slot: None,
         }
     }
+}
+
+/// A copy of a header value for the log record, which outlives the request. A plain clone
+/// would share hyper's whole read buffer (8 KiB+) until the log line is written, and make
+/// hyper allocate a fresh one for the connection's next message.
+pub fn owned_value(value: &HeaderValue) -> HeaderValue {
+    let mut owned = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(value.as_bytes()))
+        .unwrap_or_else(|_| HeaderValue::from_static(""));
+    owned.set_sensitive(value.is_sensitive());
+    owned
 }
 
 /// A process-unique request id: a random 32-bit prefix (from the clock and pid) and a

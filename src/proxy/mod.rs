@@ -90,7 +90,10 @@ impl Proxy {
             }
         };
         ctx.status = response.status().as_u16();
-        ctx.content_type = response.headers().get(http::header::CONTENT_TYPE).cloned();
+        ctx.content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .map(ctx::owned_value);
         let body = std::mem::replace(response.body_mut(), ClientBody::empty());
         *response.body_mut() = body.with_ctx(ctx);
         response
