@@ -301,7 +301,7 @@ async fn serve_connection(
             message,
         } => {
             tracing::debug!(%peer, kind, %message, "rejected first request");
-            let _ = crate::proxy::tunnel::write_all(
+            let _ = crate::proxy::relay::write_all(
                 &stream,
                 &raw_error_response(status, kind, &message),
             )

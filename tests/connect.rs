@@ -1,4 +1,5 @@
-//! CONNECT tunnels: TLS end to end through Kalmar, half-close, idle timeout, errors.
+//! CONNECT tunnels: TLS end to end through Kalmar, half-close, bulk both ways, idle
+//! timeout, errors.
 
 mod support;
 
@@ -75,6 +76,84 @@ async fn half_close_keeps_the_other_direction_open() {
     let lines = kalmar.log_lines(1);
     assert_eq!(lines[0]["bytes_from_client"], 5000);
     assert_eq!(lines[0]["bytes_to_client"], "got 5000 bytes".len());
+}
+
+/// What a bulk stream carries: a pseudo-random block repeated. Its length is prime, so it
+/// never lines up with read or write sizes: a lost, doubled or reordered chunk shows.
+fn stream_block(seed: u64) -> Vec<u8> {
+    const PERIOD: usize = 65_521;
+    let mut x = seed | 1;
+    (0..PERIOD)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+async fn send_stream(mut to: impl AsyncWriteExt + Unpin, seed: u64, len: usize) {
+    let block = stream_block(seed);
+    let mut sent = 0;
+    while sent < len {
+        let at = sent % block.len();
+        let n = (block.len() - at).min(len - sent).min(40_000);
+        to.write_all(&block[at..at + n]).await.unwrap();
+        sent += n;
+    }
+    to.shutdown().await.unwrap();
+}
+
+/// Read to EOF, checking every byte; the count read.
+async fn receive_stream(mut from: impl AsyncReadExt + Unpin, seed: u64) -> usize {
+    let block = stream_block(seed);
+    let mut buf = vec![0u8; 100_000];
+    let mut got = 0;
+    loop {
+        let n = from.read(&mut buf).await.unwrap();
+        if n == 0 {
+            return got;
+        }
+        let (mut at, mut rest) = (got % block.len(), &buf[..n]);
+        while !rest.is_empty() {
+            let k = rest.len().min(block.len() - at);
+            assert!(
+                rest[..k] == block[at..at + k],
+                "wrong bytes near offset {got}"
+            );
+            (rest, at) = (&rest[k..], 0);
+        }
+        got += n;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_mib_each_way_at_once_arrive_intact_and_counted() {
+    const SIZE: usize = 100 * 1024 * 1024;
+    // An origin that checks the upload while it sends the download.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let origin = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (rd, wr) = s.into_split();
+        tokio::join!(receive_stream(rd, 1), send_stream(wr, 2, SIZE)).0
+    });
+    let kalmar = Kalmar::start("");
+    let (s, head) = support::open_tunnel(kalmar.addr, &addr.to_string()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (rd, wr) = s.into_split();
+    let (downloaded, ()) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(receive_stream(rd, 2), send_stream(wr, 1, SIZE))
+    })
+    .await
+    .expect("100 MiB each way within 2 minutes");
+    assert_eq!(downloaded, SIZE);
+    assert_eq!(origin.await.unwrap(), SIZE);
+    let lines = kalmar.log_lines(1);
+    assert_eq!(lines[0]["bytes_from_client"], SIZE);
+    assert_eq!(lines[0]["bytes_to_client"], SIZE);
+    assert!(lines[0]["error"].is_null(), "{}", lines[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

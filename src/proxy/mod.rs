@@ -20,6 +20,7 @@ pub mod cache_stage;
 pub mod ctx;
 pub mod forward;
 pub mod headers;
+pub mod relay;
 pub mod target;
 pub mod tunnel;
 
