@@ -1,5 +1,6 @@
 //! Request-target hosts: normalisation of names and of every numeric IPv4 spelling clients accept.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -50,7 +51,7 @@ const MAX_LABEL: usize = 63;
 ///   Non-ASCII names must arrive in their punycode form.
 pub fn normalize_host(raw: &str) -> Result<Host, HostError> {
     let decoded = percent_decode(raw)?;
-    let mut host = decoded.as_str();
+    let mut host: &str = &decoded;
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         return parse_ipv6(inner);
     }
@@ -170,7 +171,14 @@ pub(crate) fn validate_label(label: &str, host: &str) -> Result<(), HostError> {
 }
 
 /// Decodes `%XX` escapes once, requires ASCII, and lowercases.
-fn percent_decode(raw: &str) -> Result<String, HostError> {
+fn percent_decode(raw: &str) -> Result<Cow<'_, str>, HostError> {
+    // Nearly every host is already plain lower-case ASCII: nothing to decode or copy.
+    if raw
+        .bytes()
+        .all(|b| b.is_ascii() && b != b'%' && !b.is_ascii_uppercase())
+    {
+        return Ok(Cow::Borrowed(raw));
+    }
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -202,7 +210,9 @@ fn percent_decode(raw: &str) -> Result<String, HostError> {
     }
     out.make_ascii_lowercase();
     // All bytes are ASCII here, so this cannot fail.
-    String::from_utf8(out).map_err(|_| HostError::PercentEncoding(clip(raw)))
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| HostError::PercentEncoding(clip(raw)))
 }
 
 /// Clips a client-supplied value for error messages and logs.

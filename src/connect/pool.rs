@@ -24,7 +24,9 @@ pub enum PoolKey {
 }
 
 pub struct Pool {
-    idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
+    /// foldhash (randomly seeded per process) rather than SipHash: the map is looked up
+    /// twice per request, and its keys are vetted addresses, at most one entry per origin.
+    idle: Mutex<HashMap<PoolKey, Vec<Idle>, foldhash::fast::RandomState>>,
     max_idle_per_key: usize,
     idle_timeout: Duration,
 }
@@ -52,7 +54,7 @@ pub struct PooledSender {
 impl Pool {
     pub fn new(max_idle_per_key: usize, idle_timeout: Duration) -> Arc<Pool> {
         Arc::new(Pool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::default()),
             max_idle_per_key,
             idle_timeout,
         })
