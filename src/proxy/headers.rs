@@ -86,10 +86,14 @@ fn is_listed_hop_by_hop(token: &str) -> bool {
 /// Rewrite a request's headers for the next hop.
 pub fn rewrite_request(headers: &mut HeaderMap, rw: &RequestRewrite<'_>) {
     strip_hop_by_hop(headers);
-    // Most clients already send exactly the canonical Host; only a different one is replaced.
-    if headers.get(header::HOST).map(HeaderValue::as_bytes) != Some(rw.host.as_bytes())
-        && let Ok(host) = HeaderValue::from_str(rw.host)
-    {
+    // Most clients already send exactly the canonical Host, once: kept. Anything else (a
+    // different host, none, or several) is replaced by the one canonical value.
+    let mut sent = headers.get_all(header::HOST).iter();
+    let canonical = matches!(
+        (sent.next(), sent.next()),
+        (Some(host), None) if host.as_bytes() == rw.host.as_bytes()
+    );
+    if !canonical && let Ok(host) = HeaderValue::from_str(rw.host) {
         headers.insert(header::HOST, host);
     }
     match rw.forwarded_for {
@@ -200,10 +204,16 @@ mod tests {
             host: "example.com:8080",
             request_id: None,
         };
-        for sent in [None, Some("example.com:8080"), Some("Example.com:8080")] {
+        let sent_hosts: [&[&'static str]; 4] = [
+            &[],
+            &["example.com:8080"],
+            &["Example.com:8080"],
+            &["example.com:8080", "evil.example"],
+        ];
+        for sent in sent_hosts {
             let mut h = HeaderMap::new();
-            if let Some(sent) = sent {
-                h.insert(header::HOST, HeaderValue::from_static(sent));
+            for host in sent {
+                h.append(header::HOST, HeaderValue::from_static(host));
             }
             rewrite_request(&mut h, &rw);
             assert_eq!(h.get_all(header::HOST).iter().count(), 1);
