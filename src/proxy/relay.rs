@@ -79,11 +79,7 @@ pub async fn relay(
             pipe(&origin, &client, &down_bytes, &last_activity, start),
         )
     };
-    let end = tokio::select! {
-        result = relay => if result.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
-        _ = idle_watch(start, &last_activity, idle) => TunnelEnd::IdleTimeout,
-        _ = tracker.hard_stop() => TunnelEnd::Shutdown,
-    };
+    let end = run_until_end(relay, start, &last_activity, idle, tracker).await;
     (
         up_bytes.load(Ordering::Relaxed),
         down_bytes.load(Ordering::Relaxed),
@@ -131,16 +127,28 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite + Unpin>(
             ),
         )
     };
-    let end = tokio::select! {
-        result = relay => if result.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
-        _ = idle_watch(start, &last_activity, idle) => TunnelEnd::IdleTimeout,
-        _ = tracker.hard_stop() => TunnelEnd::Shutdown,
-    };
+    let end = run_until_end(relay, start, &last_activity, idle, tracker).await;
     (
         up_bytes.load(Ordering::Relaxed),
         down_bytes.load(Ordering::Relaxed),
         end,
     )
+}
+
+/// Drive `relay` until both directions are done, or an error, the idle timeout, or the end
+/// of the shutdown grace, whichever comes first (for both relays alike).
+async fn run_until_end<T>(
+    relay: impl std::future::Future<Output = io::Result<T>>,
+    start: Instant,
+    last_activity: &AtomicU64,
+    idle: Duration,
+    tracker: &crate::server::Tracker,
+) -> TunnelEnd {
+    tokio::select! {
+        result = relay => if result.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
+        _ = idle_watch(start, last_activity, idle) => TunnelEnd::IdleTimeout,
+        _ = tracker.hard_stop() => TunnelEnd::Shutdown,
+    }
 }
 
 /// Resolves once nothing has moved for `idle` (activity is milliseconds since `start`).
