@@ -14,9 +14,11 @@ pub mod connect;
 pub mod error;
 pub mod limit;
 pub mod metrics;
+pub mod net;
 pub mod proxy;
 pub mod server;
 pub mod state;
+pub mod tracker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,8 +31,8 @@ use access_log::{AccessLog, AccessLogTask};
 use config::{Config, ConfigError};
 use metrics::Metrics;
 use proxy::Proxy;
-use server::Tracker;
 use state::{ConfigSource, SharedState, Snapshot};
+use tracker::Tracker;
 
 /// The two sockets Kalmar serves, bound by the caller (tests bind `127.0.0.1:0`).
 pub struct Listeners {

@@ -62,6 +62,15 @@ pub struct RateLimited {
     pub kind: LimitKind,
 }
 
+impl From<RateLimited> for crate::error::ProxyError {
+    fn from(e: RateLimited) -> Self {
+        crate::error::ProxyError::RateLimited {
+            retry_after: e.retry_after,
+            limit: e.limit,
+        }
+    }
+}
+
 /// Which dimension was exceeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LimitKind {

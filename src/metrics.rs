@@ -16,6 +16,10 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::acl::{Reason, Verdict};
+use crate::cache::Outcome;
+use crate::error::ErrorKind;
+
 /// Metric names, one place (README table: "Metrics").
 pub mod names {
     /// Counter: finished requests (CONNECT included) by method class, status class and verdict.
@@ -589,7 +593,7 @@ impl Metrics {
         &self,
         method: &http::Method,
         status: u16,
-        verdict: &'static str,
+        verdict: Option<Verdict>,
         duration: Duration,
         bytes_from_client: u64,
         bytes_to_client: u64,
@@ -611,14 +615,14 @@ impl Metrics {
 
     /// One denial, by its `X-Kalmar-Error` kind. Reasons outside [`KNOWN_DENY_REASONS`] get a
     /// series on first use, up to [`MAX_DYNAMIC_LABELS`]; beyond that they count as `other`.
-    pub fn denied(&self, reason: &'static str) {
-        self.denied.inc(reason);
+    pub fn denied(&self, kind: ErrorKind) {
+        self.denied.inc(kind.as_str());
     }
 
     /// One request that a `report` rule let through but would have denied, by policy reason
     /// (same capping as [`Metrics::denied`]).
-    pub fn denied_report(&self, reason: &'static str) {
-        self.would_deny.inc(reason);
+    pub fn denied_report(&self, reason: Reason) {
+        self.would_deny.inc(reason.as_str());
     }
 
     /// A client connection was accepted; the returned guard keeps it in the open-connections gauge.
@@ -699,12 +703,8 @@ impl Metrics {
     }
 
     /// One cache decision and the body bytes it accounts for (served for hits, fetched for misses).
-    /// Statuses outside [`CACHE_STATUSES`] count as `other`.
-    pub fn cache(&self, status: &'static str, bytes: u64) {
-        let i = CACHE_STATUSES
-            .iter()
-            .position(|known| *known == status)
-            .unwrap_or(CACHE_STATUSES.len() - 1);
+    pub fn cache(&self, outcome: Outcome, bytes: u64) {
+        let i = cache_index(outcome);
         self.cache_requests[i].inc();
         if bytes > 0 {
             self.cache_bytes[i].inc_by(bytes);
@@ -857,11 +857,24 @@ fn register<C: Collector + Clone + 'static>(registry: &Registry, collector: C) -
     collector
 }
 
-fn verdict_index(verdict: &str) -> usize {
-    VERDICTS
-        .iter()
-        .position(|v| *v == verdict)
-        .unwrap_or(VERDICTS.len() - 1)
+/// The position of a verdict in [`VERDICTS`]; `None` (not evaluated) is `none`.
+fn verdict_index(verdict: Option<Verdict>) -> usize {
+    match verdict {
+        Some(Verdict::Allow) => 0,
+        Some(Verdict::Deny) => 1,
+        Some(Verdict::Report) => 2,
+        None => 3,
+    }
+}
+
+/// The position of a cache outcome in [`CACHE_STATUSES`].
+fn cache_index(outcome: Outcome) -> usize {
+    match outcome {
+        Outcome::Hit => 0,
+        Outcome::Miss => 1,
+        Outcome::Revalidated => 2,
+        Outcome::Uncacheable => 3,
+    }
 }
 
 fn result_index(ok: bool) -> usize {
@@ -965,24 +978,31 @@ mod tests {
         let metrics = Metrics::new();
         let get = http::Method::GET;
         for _ in 0..3 {
-            metrics.request_finished(&get, 200, "allow", Duration::from_millis(3), 10, 1000);
+            metrics.request_finished(
+                &get,
+                200,
+                Some(Verdict::Allow),
+                Duration::from_millis(3),
+                10,
+                1000,
+            );
         }
         metrics.request_finished(
             &http::Method::CONNECT,
             200,
-            "report",
+            Some(Verdict::Report),
             Duration::from_secs(9),
             7,
             8,
         );
         let ext = http::Method::from_bytes(b"PROPFIND").expect("valid method");
-        metrics.request_finished(&ext, 403, "deny", Duration::ZERO, 0, 0);
-        metrics.request_finished(&get, 0, "bogus", Duration::ZERO, 0, 0);
-        metrics.request_finished(&get, 999, "none", Duration::ZERO, 0, 0);
-        metrics.denied("unknown-source");
-        metrics.denied("unknown-source");
-        metrics.denied("some-new-reason");
-        metrics.denied_report("rule");
+        metrics.request_finished(&ext, 403, Some(Verdict::Deny), Duration::ZERO, 0, 0);
+        metrics.request_finished(&get, 0, None, Duration::ZERO, 0, 0);
+        metrics.request_finished(&get, 999, None, Duration::ZERO, 0, 0);
+        metrics.denied(ErrorKind::UnknownSource);
+        metrics.denied(ErrorKind::UnknownSource);
+        metrics.denied(ErrorKind::InternalDestination);
+        metrics.denied_report(Reason::Rule);
         metrics.connection_rejected();
         metrics.dial(Duration::from_millis(1), true);
         metrics.dial(Duration::from_secs(10), false);
@@ -992,9 +1012,8 @@ mod tests {
         metrics.upstream_request("parent.corp:3128", true);
         metrics.upstream_request("parent.corp:3128", false);
         metrics.upstream_request("parent.corp:3128", true);
-        metrics.cache("hit", 100);
-        metrics.cache("miss", 50);
-        metrics.cache("weird", 5);
+        metrics.cache(Outcome::Hit, 100);
+        metrics.cache(Outcome::Miss, 50);
         metrics.rate_limited();
         metrics.config_reload(true);
         metrics.config_reload(false);
@@ -1026,7 +1045,7 @@ mod tests {
             2.0
         );
         assert_eq!(
-            value(&s, names::DENIED, &[("reason", "some-new-reason")]),
+            value(&s, names::DENIED, &[("reason", "internal-destination")]),
             1.0
         );
         assert_eq!(value(&s, names::DENIED, &[("reason", "denied")]), 0.0);
@@ -1058,7 +1077,7 @@ mod tests {
         assert_eq!(value(&s, names::CACHE_REQUESTS, &[("status", "hit")]), 1.0);
         assert_eq!(
             value(&s, names::CACHE_REQUESTS, &[("status", "other")]),
-            1.0
+            0.0
         );
         assert_eq!(value(&s, names::CACHE_BYTES, &[("status", "hit")]), 100.0);
         assert_eq!(value(&s, names::CACHE_BYTES, &[("status", "miss")]), 50.0);
@@ -1108,8 +1127,6 @@ mod tests {
         let metrics = Metrics::new();
         for i in 0..(MAX_DYNAMIC_LABELS + 10) {
             metrics.upstream_request(&format!("parent-{i}:3128"), true);
-            let reason: &'static str = Box::leak(format!("reason-{i}").into_boxed_str());
-            metrics.denied(reason);
         }
         let s = scrape(&metrics);
         let parents = s
@@ -1128,7 +1145,6 @@ mod tests {
             ),
             10.0
         );
-        assert_eq!(value(&s, names::DENIED, &[("reason", OTHER)]), 10.0);
         // an already-known parent keeps its own series after the cap
         metrics.upstream_request("parent-0:3128", true);
         let s = scrape(&metrics);

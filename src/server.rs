@@ -8,219 +8,27 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, watch};
 
-use crate::access_log::AccessRecord;
-use crate::error::raw_error_response;
+use crate::error::ProxyError;
+use crate::net::ClientIo;
 use crate::proxy::Proxy;
-use crate::proxy::ctx::ConnInfo;
+use crate::proxy::ctx::{ConnInfo, RequestCtx};
+use crate::tracker::ConnectionSlot;
 
 /// Headers accepted in one request head (beyond it: 431).
 const MAX_HEADERS: usize = 128;
 
-/// Counts what is in flight, and carries the two shutdown signals: `graceful` (stop
-/// accepting, finish what is running) and `hard` (grace is over, end everything).
-pub struct Tracker {
-    connections: AtomicUsize,
-    tunnels: AtomicUsize,
-    changed: Notify,
-    graceful: watch::Sender<bool>,
-    hard: watch::Sender<bool>,
-    pub ready: Arc<AtomicBool>,
-}
-
-pub struct ConnectionSlot {
-    tracker: Arc<Tracker>,
-}
-
-pub struct TunnelSlot {
-    tracker: Arc<Tracker>,
-}
-
-/// The client side of a connection: the socket plus the bytes already read while
-/// checking the first request head, which hyper reads first.
-pub struct ClientIo {
-    prefix: Option<Bytes>,
-    stream: TcpStream,
-}
-
 enum FirstHead {
     Complete(Bytes),
     Closed,
-    Reject {
-        status: StatusCode,
-        kind: &'static str,
-        message: String,
-    },
-}
-
-// === impl Tracker ===
-
-impl Tracker {
-    pub fn new() -> Arc<Tracker> {
-        Arc::new(Tracker {
-            connections: AtomicUsize::new(0),
-            tunnels: AtomicUsize::new(0),
-            changed: Notify::new(),
-            graceful: watch::channel(false).0,
-            hard: watch::channel(false).0,
-            ready: Arc::new(AtomicBool::new(false)),
-        })
-    }
-
-    /// A connection slot, or None at `max` client connections. A tunnel is a client
-    /// connection too (hyper has handed its socket over, so it counts separately).
-    pub fn try_connection(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {
-        let mut current = self.connections.load(Ordering::Relaxed);
-        loop {
-            if current + self.tunnels.load(Ordering::Relaxed) >= max {
-                return None;
-            }
-            match self.connections.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => {
-                    return Some(ConnectionSlot {
-                        tracker: self.clone(),
-                    });
-                }
-                Err(now) => current = now,
-            }
-        }
-    }
-
-    pub fn tunnel_started(self: &Arc<Self>) -> TunnelSlot {
-        self.tunnels.fetch_add(1, Ordering::AcqRel);
-        TunnelSlot {
-            tracker: self.clone(),
-        }
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.connections.load(Ordering::Acquire) + self.tunnels.load(Ordering::Acquire)
-    }
-
-    pub fn begin_shutdown(&self) {
-        self.ready.store(false, Ordering::Release);
-        self.graceful.send_replace(true);
-    }
-
-    pub fn stop_now(&self) {
-        self.hard.send_replace(true);
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        *self.graceful.borrow()
-    }
-
-    /// Resolves once graceful shutdown has begun.
-    pub async fn shutting_down(&self) {
-        let mut rx = self.graceful.subscribe();
-        let _ = rx.wait_for(|v| *v).await;
-    }
-
-    /// Resolves once the grace period is over.
-    pub async fn hard_stop(&self) {
-        let mut rx = self.hard.subscribe();
-        let _ = rx.wait_for(|v| *v).await;
-    }
-
-    /// Resolves when no connection or tunnel is left.
-    pub async fn idle(&self) {
-        loop {
-            let notified = self.changed.notified();
-            if self.in_flight() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.tracker.connections.fetch_sub(1, Ordering::AcqRel);
-        self.tracker.changed.notify_waiters();
-    }
-}
-
-impl Drop for TunnelSlot {
-    fn drop(&mut self) {
-        self.tracker.tunnels.fetch_sub(1, Ordering::AcqRel);
-        self.tracker.changed.notify_waiters();
-    }
-}
-
-// === impl ClientIo ===
-
-impl ClientIo {
-    pub fn into_parts(self) -> (Option<Bytes>, TcpStream) {
-        (self.prefix.filter(|p| !p.is_empty()), self.stream)
-    }
-}
-
-impl AsyncRead for ClientIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(prefix) = &mut this.prefix {
-            let n = prefix.len().min(buf.remaining());
-            buf.put_slice(&prefix.split_to(n));
-            if prefix.is_empty() {
-                this.prefix = None;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for ClientIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
+    Reject(ProxyError),
 }
 
 // === accept loop and connections ===
@@ -256,21 +64,10 @@ pub async fn accept_loop(proxy: Arc<Proxy>, listener: tokio::net::TcpListener) {
 /// Beyond `server.max_connections`: a fast 503 without reading the request.
 fn reject_overloaded(proxy: &Arc<Proxy>, stream: TcpStream, peer: SocketAddr, max: usize) {
     proxy.metrics.connection_rejected();
-    let message = format!("proxy is at its connection limit ({max}); try again");
-    let _ = stream.try_write(&raw_error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "overloaded",
-        &message,
-    ));
+    let err = ProxyError::Overloaded(max);
+    let _ = stream.try_write(&err.to_raw_response());
     let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
-    log_rejected(
-        proxy,
-        peer,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "overloaded",
-        Instant::now(),
-        SystemTime::now(),
-    );
+    log_rejected(proxy, peer, &err, Instant::now(), SystemTime::now());
 }
 
 async fn serve_connection(
@@ -295,27 +92,16 @@ async fn serve_connection(
     let prefix = match first_head {
         FirstHead::Complete(prefix) => prefix,
         FirstHead::Closed => return,
-        FirstHead::Reject {
-            status,
-            kind,
-            message,
-        } => {
-            tracing::debug!(%peer, kind, %message, "rejected first request");
-            let _ = crate::proxy::relay::write_all(
-                &stream,
-                &raw_error_response(status, kind, &message),
-            )
-            .await;
+        FirstHead::Reject(err) => {
+            tracing::debug!(%peer, error = %err, "rejected first request");
+            let _ = crate::net::write_all(&stream, &err.to_raw_response()).await;
             let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
-            log_rejected(&proxy, peer, status, kind, started, time);
+            log_rejected(&proxy, peer, &err, started, time);
             return;
         }
     };
 
-    let io = TokioIo::new(ClientIo {
-        prefix: Some(prefix),
-        stream,
-    });
+    let io = TokioIo::new(ClientIo::new(prefix, stream));
     let conn_info = ConnInfo { peer };
     let service = {
         let proxy = proxy.clone();
@@ -368,14 +154,7 @@ async fn read_first_head(stream: &TcpStream, limit: usize, timeout: Duration) ->
                 return if buf.is_empty() {
                     FirstHead::Closed
                 } else {
-                    FirstHead::Reject {
-                        status: StatusCode::REQUEST_TIMEOUT,
-                        kind: "header-timeout",
-                        message: format!(
-                            "request head not complete within {}ms",
-                            timeout.as_millis()
-                        ),
-                    }
+                    FirstHead::Reject(ProxyError::HeaderTimeout(timeout))
                 };
             }
             Ok(Err(_)) => return FirstHead::Closed,
@@ -404,75 +183,32 @@ async fn read_first_head(stream: &TcpStream, limit: usize, timeout: Duration) ->
             }
             Ok(httparse::Status::Partial) => {}
             Err(httparse::Error::TooManyHeaders) => {
-                return FirstHead::Reject {
-                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    kind: "headers-too-large",
-                    message: format!("more than {MAX_HEADERS} header fields"),
-                };
+                return FirstHead::Reject(ProxyError::TooManyHeaders(MAX_HEADERS));
             }
             Err(e) => {
-                return FirstHead::Reject {
-                    status: StatusCode::BAD_REQUEST,
-                    kind: "malformed-request",
-                    message: format!("cannot parse request head: {e}"),
-                };
+                return FirstHead::Reject(ProxyError::Malformed(format!(
+                    "cannot parse request head: {e}"
+                )));
             }
         }
     }
 }
 
 fn too_large(size: usize, limit: usize) -> FirstHead {
-    FirstHead::Reject {
-        status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        kind: "headers-too-large",
-        message: format!(
-            "request head of {size}+ bytes exceeds server.max_request_header_size ({limit} bytes)"
-        ),
-    }
+    FirstHead::Reject(ProxyError::HeadersTooLarge { size, limit })
 }
 
-/// Access-log line for a connection rejected before a request could be parsed.
+/// Access-log line (and metrics) for a connection refused before a request could be parsed.
 fn log_rejected(
     proxy: &Arc<Proxy>,
     peer: SocketAddr,
-    status: StatusCode,
-    kind: &'static str,
+    err: &ProxyError,
     started: Instant,
     time: SystemTime,
 ) {
+    let mut ctx = RequestCtx::rejected(peer, started, time, proxy.metrics.clone());
+    ctx.record.status = err.status().as_u16();
+    ctx.failed(err);
     let log = proxy.log.clone();
-    let duration = started.elapsed();
-    proxy.metrics.request_finished(
-        &http::Method::from_bytes(b"NONE").unwrap_or_default(),
-        status.as_u16(),
-        "none",
-        duration,
-        0,
-        0,
-    );
-    let record = AccessRecord {
-        time,
-        duration,
-        request_id: String::new(),
-        client: peer,
-        method: http::Method::from_bytes(b"NONE").unwrap_or_default(),
-        target: "-".into(),
-        status: status.as_u16(),
-        bytes_from_client: 0,
-        bytes_to_client: 0,
-        resolved: None,
-        error: Some(kind),
-        source_name: None,
-        labels: None,
-        rule: None,
-        verdict: "none",
-        reason: "none",
-        route: crate::proxy::ctx::route_none(),
-        cache: None,
-        content_type: None,
-        user_agent: None,
-        referer: None,
-        http_version: http::Version::HTTP_11,
-    };
-    tokio::spawn(async move { log.send(record).await });
+    tokio::spawn(async move { ctx.finish_async(&log, 0).await });
 }

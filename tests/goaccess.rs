@@ -11,7 +11,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use kalmar::access_log::{AccessRecord, Format};
+use kalmar::access_log::{AccessRecord, Format, Hop};
+use kalmar::acl::{Reason, Verdict};
+use kalmar::cache::Outcome;
+use kalmar::error::ErrorKind;
 
 /// goaccess's own native-Squid format (its predefined `SQUID` expects a syslog prefix).
 const SQUID_LOG_FORMAT: &str = "%x.%^ %~%L %h %^/%s %b %m %U";
@@ -34,10 +37,10 @@ fn base(i: u64) -> AccessRecord {
         source_name: Some("project-x".into()),
         labels: Some(Arc::new(labels)),
         rule: Some("external".into()),
-        verdict: "allow",
-        reason: "rule",
-        route: "direct".into(),
-        cache: Some("miss"),
+        verdict: Some(Verdict::Allow),
+        reason: Some(Reason::Rule),
+        route: Hop::Direct,
+        cache: Some(Outcome::Miss),
         content_type: Some(http::HeaderValue::from_static("text/html; charset=utf-8")),
         user_agent: Some(http::HeaderValue::from_static("curl/8.5.0")),
         referer: None,
@@ -82,25 +85,25 @@ fn records() -> Vec<AccessRecord> {
                 rec.cache = None;
             }
             1 => {
-                rec.verdict = "deny";
-                rec.reason = "denied";
+                rec.verdict = Some(Verdict::Deny);
+                rec.reason = Some(Reason::Rule);
                 rec.status = 403;
                 rec.resolved = None;
-                rec.error = Some("denied");
+                rec.error = Some(ErrorKind::Denied);
             }
             2 => {
-                rec.cache = Some("hit");
+                rec.cache = Some(Outcome::Hit);
                 rec.resolved = None;
             }
             3 => {
-                rec.route = "proxy.corp.example:3128".into();
+                rec.route = Hop::Parent("proxy.corp.example:3128".into());
                 rec.resolved = Some("192.0.2.10:3128".parse().expect("addr"));
             }
             4 => {
-                rec.verdict = "none";
+                rec.verdict = None;
                 rec.status = 400;
                 rec.resolved = None;
-                rec.error = Some("bad-request");
+                rec.error = Some(ErrorKind::MalformedRequest);
                 rec.bytes_to_client = 0;
                 rec.content_type = None;
             }

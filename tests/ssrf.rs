@@ -224,3 +224,37 @@ async fn dns_rebinding_never_reaches_the_canary() {
         "the canary was reached ({ok} ok, {denied} denied)"
     );
 }
+
+/// The line logged is the answer given: a name whose addresses are all internal is denied
+/// after the rule allowed it, and the log says `deny` / `internal-destination` (not the
+/// rule's `allow`). Every denied address is named, both of `dual.test`'s here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_after_the_rule_is_logged_as_the_deny_it_was() {
+    let canary = Origin::start().await;
+    let config = "[dns]\nhosts = { \"dual.test\" = [\"127.0.0.1\", \"::1\"] }\n[destinations]\nconnect_ports = [\"1-65535\"]\n";
+    let kalmar = Kalmar::start_with(GUARDED_CONFIG, config);
+    let port = canary.addr.port();
+    let r = kalmar
+        .client()
+        .get(format!("http://dual.test:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["x-kalmar-error"], "internal-destination");
+    let body = r.text().await.unwrap();
+    for named in ["127.0.0.1", "127.0.0.0/8", "::1", "::1/128"] {
+        assert!(body.contains(named), "{named} missing from: {body}");
+    }
+    let answer = support::connect_head(kalmar.addr, &format!("dual.test:{port}")).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+
+    let lines = kalmar.log_lines(2);
+    for line in &lines[..2] {
+        assert_eq!(line["status"], 403, "{line}");
+        assert_eq!(line["verdict"], "deny", "{line}");
+        assert_eq!(line["reason"], "internal-destination", "{line}");
+        assert_eq!(line["error"], "internal-destination", "{line}");
+    }
+    assert_eq!(canary.connections(), 0, "the canary was reached");
+}

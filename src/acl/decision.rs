@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::address::{AddressDenied, AllowList};
 use super::host::clip;
+use crate::error::ErrorKind;
 
 /// An authorization decision. `rule` is the rule that matched, if any (also on a
 /// `internal-destination` denial, where the rule allowed but the address did not).
@@ -62,15 +63,15 @@ impl Decision {
 
     /// The `X-Kalmar-Error` kind of a denial: `unknown-source`, `port-not-allowed`,
     /// `internal-destination`, or `denied` (a deny rule or the default deny). `None` when allowed.
-    pub fn error_kind(&self) -> Option<&'static str> {
+    pub fn error_kind(&self) -> Option<ErrorKind> {
         if self.is_allowed() {
             return None;
         }
         Some(match self.reason {
-            Reason::UnknownSource => "unknown-source",
-            Reason::PortNotAllowed => "port-not-allowed",
-            Reason::InternalDestination => "internal-destination",
-            Reason::Rule | Reason::DefaultDeny => "denied",
+            Reason::UnknownSource => ErrorKind::UnknownSource,
+            Reason::PortNotAllowed => ErrorKind::PortNotAllowed,
+            Reason::InternalDestination => ErrorKind::InternalDestination,
+            Reason::Rule | Reason::DefaultDeny => ErrorKind::Denied,
         })
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use hyper::client::conn::http1::SendRequest;
 use parking_lot::Mutex;
 
-use crate::proxy::body::UpstreamBody;
+use super::body::UpstreamBody;
 
 /// Where a pooled connection goes: an origin address, or a parent proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

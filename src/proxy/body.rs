@@ -3,8 +3,6 @@
 //! request's context, so that the access-log line is written when the body is done.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -12,18 +10,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::cache::tee::Tee;
+pub use crate::connect::body::UpstreamBody;
 use crate::connect::pool::PooledSender;
+use crate::error::ErrorKind;
 use crate::proxy::ctx::RequestCtx;
-
-/// A request body on its way to an origin or parent.
-pub enum UpstreamBody {
-    Empty,
-    /// The client's body, counted into `bytes_from_client`.
-    Client {
-        inner: Incoming,
-        counter: Arc<AtomicU64>,
-    },
-}
 
 /// A response body on its way to the client.
 pub struct ClientBody {
@@ -41,51 +31,6 @@ enum Kind {
         /// Stores the body as it streams (cacheable misses only).
         tee: Option<Box<Tee>>,
     },
-}
-
-// === impl UpstreamBody ===
-
-impl UpstreamBody {
-    pub fn from_client(inner: Incoming, counter: Arc<AtomicU64>) -> UpstreamBody {
-        UpstreamBody::Client { inner, counter }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Client { inner, counter } => {
-                let polled = Pin::new(inner).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled
-                    && let Some(data) = frame.data_ref()
-                {
-                    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-                polled
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Empty => true,
-            UpstreamBody::Client { inner, .. } => inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Client { inner, .. } => inner.size_hint(),
-        }
-    }
 }
 
 // === impl ClientBody ===
@@ -204,7 +149,7 @@ impl Body for ClientBody {
                     tee.take();
                 }
                 if let Some(ctx) = &mut this.ctx {
-                    ctx.note_error("upstream-aborted");
+                    ctx.note_error(ErrorKind::UpstreamAborted);
                 }
             }
             Poll::Pending => {}
@@ -234,7 +179,7 @@ impl Drop for ClientBody {
         let complete = self.is_end_stream();
         if let Some(mut ctx) = self.ctx.take() {
             if !complete {
-                ctx.note_error("client-aborted");
+                ctx.note_error(ErrorKind::ClientAborted);
             }
             ctx.finish(self.bytes);
         }

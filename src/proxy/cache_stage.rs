@@ -16,7 +16,6 @@
 //!                                                       Cache-Status: kalmar; fwd=stale; fwd-status=304
 //! ```
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -25,234 +24,228 @@ use http::{Method, Request, Response, StatusCode};
 use http_cache_semantics::{AfterResponse, BeforeRequest, CachePolicy};
 use hyper::body::Incoming;
 
-use super::Proxy;
+use super::Exchange;
 use super::body::ClientBody;
 use super::ctx::RequestCtx;
-use super::forward;
 use super::target::Target;
 use crate::cache::key::{
     self, CACHE_STATUS, CacheRequest, Conditionals, Forward, Status, stored_request_headers,
 };
 use crate::cache::tee::Tee;
 use crate::cache::{Cache, Entry, Flight, FlightGuard, Lookup, Outcome};
-use crate::connect::upstream::Route;
 use crate::error::ProxyError;
-use crate::state::Snapshot;
 
-/// A plain-HTTP request through the cache (when `cache.enabled`), else straight to forward.
-pub async fn serve(
-    proxy: &Arc<Proxy>,
-    snap: &Arc<Snapshot>,
-    ctx: &mut RequestCtx,
-    target: &Target,
-    route: &Route<'_>,
-    check: impl FnMut(IpAddr) -> Result<(), ProxyError>,
-    req: Request<Incoming>,
-) -> Result<Response<ClientBody>, ProxyError> {
-    match &proxy.cache {
-        Some(cache) if snap.config.cache.enabled => {
-            // Boxed: the cache's states would otherwise size every request's future.
-            Box::pin(through_cache(
-                proxy, snap, cache, ctx, target, route, check, req,
-            ))
-            .await
-        }
-        _ => forward::exchange(proxy, snap, ctx, target, route, check, req).await,
-    }
-}
+// === impl Exchange ===
 
-#[allow(clippy::too_many_arguments)]
-async fn through_cache(
-    proxy: &Arc<Proxy>,
-    snap: &Arc<Snapshot>,
-    cache: &Arc<Cache>,
-    ctx: &mut RequestCtx,
-    target: &Target,
-    route: &Route<'_>,
-    check: impl FnMut(IpAddr) -> Result<(), ProxyError>,
-    mut req: Request<Incoming>,
-) -> Result<Response<ClientBody>, ProxyError> {
-    let method = req.method().clone();
-    if method != Method::GET && method != Method::HEAD {
-        let response = forward::exchange(proxy, snap, ctx, target, route, check, req).await?;
-        if !is_safe(&method)
-            && (response.status().is_success() || response.status().is_redirection())
-        {
-            invalidate_after_unsafe(cache, target, &ctx.target, response.headers());
-        }
-        return Ok(annotate(
-            ctx,
-            response,
-            Outcome::Uncacheable,
-            Status::forwarded(Forward::Method),
-        ));
-    }
-    if key::bypasses(req.headers()) {
-        let response = forward::exchange(proxy, snap, ctx, target, route, check, req).await?;
-        return Ok(annotate(
-            ctx,
-            response,
-            Outcome::Uncacheable,
-            Status::forwarded(Forward::Bypass),
-        ));
-    }
-
-    // The canonical URL is the key and names the authority; forward sets Host again.
-    req.headers_mut().remove(header::HOST);
-    let head = method == Method::HEAD;
-    let mut cond = Conditionals::take(req.headers_mut());
-    let url = ctx.target.clone();
-    let now = SystemTime::now();
-    let lookup = cache.lookup(&url, req.headers()).await;
-
-    let mut fwd = Forward::Miss;
-    let mut stale = None;
-    if let Some(entry) = &lookup.entry {
-        let asked = CacheRequest {
-            url: &url,
-            headers: req.headers(),
-        };
-        match entry.policy.before_request(&asked, now) {
-            BeforeRequest::Fresh(parts) => {
-                return Ok(from_entry(
-                    ctx,
-                    entry,
-                    parts,
-                    head,
-                    &cond,
-                    Status::Hit,
-                    Outcome::Hit,
-                ));
+impl Exchange<'_> {
+    /// A plain-HTTP request through the cache (when `cache.enabled`), else straight to forward.
+    pub async fn serve_http(
+        mut self,
+        req: Request<Incoming>,
+    ) -> Result<Response<ClientBody>, ProxyError> {
+        match &self.proxy.cache {
+            Some(cache) if self.snap.config.cache.enabled => {
+                let cache = cache.clone();
+                // Boxed: the cache's states would otherwise size every request's future.
+                Box::pin(self.through_cache(&cache, req)).await
             }
-            BeforeRequest::Stale {
-                request,
-                matches: true,
-            } => {
-                fwd = if entry.policy.is_stale(now) {
-                    Forward::Stale
-                } else {
-                    Forward::Request
-                };
-                stale = Some((entry.clone(), request.headers));
-            }
-            BeforeRequest::Stale { matches: false, .. } => fwd = Forward::VaryMiss,
+            _ => self.forward(req).await,
         }
     }
-    if key::request_directive(req.headers(), "only-if-cached") {
-        return Err(ProxyError::NotCached(url));
-    }
 
-    // Kept for the stored policy: the client's headers, without Host and conditionals.
-    let request_headers = req.headers().clone();
-
-    if let (Some((entry, validators)), false) = (stale, head) {
-        for name in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE] {
-            if let Some(v) = validators.get(&name) {
-                req.headers_mut().insert(name, v.clone());
-            }
-        }
-        let response = forward::exchange(proxy, snap, ctx, target, route, check, req).await?;
-        if response.status() == StatusCode::NOT_MODIFIED {
-            let vary = lookup.vary.as_ref().map_or(&[][..], |spec| &spec.names[..]);
-            let stored = CacheRequest {
-                url: &url,
-                headers: &stored_request_headers(&request_headers, vary),
-            };
-            return match entry
-                .policy
-                .after_response(&stored, &response, SystemTime::now())
+    async fn through_cache(
+        &mut self,
+        cache: &Arc<Cache>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<ClientBody>, ProxyError> {
+        let method = req.method().clone();
+        if method != Method::GET && method != Method::HEAD {
+            let response = self.forward(req).await?;
+            if !is_safe(&method)
+                && (response.status().is_success() || response.status().is_redirection())
             {
-                AfterResponse::NotModified(policy, parts) => {
-                    let status = Status::Forwarded {
-                        fwd,
-                        fwd_status: Some(304),
-                        stored: false,
-                        collapsed: false,
-                    };
-                    let refreshed = Arc::new(entry.refreshed(policy));
-                    if refreshed.policy.is_storable() {
-                        cache.replace(&url, &lookup, refreshed.clone());
-                    }
-                    // The 304's (empty) body is done: dropping it returns the connection.
-                    drop(response);
-                    Ok(from_entry(
-                        ctx,
-                        &refreshed,
-                        parts,
-                        false,
-                        &cond,
-                        status,
-                        Outcome::Revalidated,
-                    ))
-                }
-                AfterResponse::Modified(..) => {
-                    // A 304 for validators the entry does not have: the entry is unusable.
-                    cache.invalidate(&url);
-                    Ok(annotate(
-                        ctx,
-                        response,
-                        Outcome::Miss,
-                        Status::forwarded(fwd),
-                    ))
-                }
-            };
+                invalidate_after_unsafe(
+                    cache,
+                    &self.target,
+                    &self.ctx.record.target,
+                    response.headers(),
+                );
+            }
+            return Ok(annotate(
+                self.ctx,
+                response,
+                Outcome::Uncacheable,
+                Status::forwarded(Forward::Method),
+            ));
         }
-        return Ok(store_or_pass(
+        if key::bypasses(req.headers()) {
+            let response = self.forward(req).await?;
+            return Ok(annotate(
+                self.ctx,
+                response,
+                Outcome::Uncacheable,
+                Status::forwarded(Forward::Bypass),
+            ));
+        }
+
+        // The canonical URL is the key and names the authority; forward sets Host again.
+        req.headers_mut().remove(header::HOST);
+        let head = method == Method::HEAD;
+        let mut cond = Conditionals::take(req.headers_mut());
+        let url = self.ctx.record.target.clone();
+        let now = SystemTime::now();
+        let lookup = cache.lookup(&url, req.headers()).await;
+
+        let mut fwd = Forward::Miss;
+        let mut stale = None;
+        if let Some(entry) = &lookup.entry {
+            let asked = CacheRequest {
+                url: &url,
+                headers: req.headers(),
+            };
+            match entry.policy.before_request(&asked, now) {
+                BeforeRequest::Fresh(parts) => {
+                    return Ok(from_entry(
+                        self.ctx,
+                        entry,
+                        parts,
+                        head,
+                        &cond,
+                        Status::Hit,
+                        Outcome::Hit,
+                    ));
+                }
+                BeforeRequest::Stale {
+                    request,
+                    matches: true,
+                } => {
+                    fwd = if entry.policy.is_stale(now) {
+                        Forward::Stale
+                    } else {
+                        Forward::Request
+                    };
+                    stale = Some((entry.clone(), request.headers));
+                }
+                BeforeRequest::Stale { matches: false, .. } => fwd = Forward::VaryMiss,
+            }
+        }
+        if key::request_directive(req.headers(), "only-if-cached") {
+            return Err(ProxyError::NotCached(url));
+        }
+
+        // Kept for the stored policy: the client's headers, without Host and conditionals.
+        let request_headers = req.headers().clone();
+
+        if let (Some((entry, validators)), false) = (stale, head) {
+            for name in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE] {
+                if let Some(v) = validators.get(&name) {
+                    req.headers_mut().insert(name, v.clone());
+                }
+            }
+            let response = self.forward(req).await?;
+            if response.status() == StatusCode::NOT_MODIFIED {
+                let vary = lookup.vary.as_ref().map_or(&[][..], |spec| &spec.names[..]);
+                let stored = CacheRequest {
+                    url: &url,
+                    headers: &stored_request_headers(&request_headers, vary),
+                };
+                return match entry
+                    .policy
+                    .after_response(&stored, &response, SystemTime::now())
+                {
+                    AfterResponse::NotModified(policy, parts) => {
+                        let status = Status::Forwarded {
+                            fwd,
+                            fwd_status: Some(304),
+                            stored: false,
+                            collapsed: false,
+                        };
+                        let refreshed = Arc::new(entry.refreshed(policy));
+                        if refreshed.policy.is_storable() {
+                            cache.replace(&url, &lookup, refreshed.clone());
+                        }
+                        // The 304's (empty) body is done: dropping it returns the connection.
+                        drop(response);
+                        Ok(from_entry(
+                            self.ctx,
+                            &refreshed,
+                            parts,
+                            false,
+                            &cond,
+                            status,
+                            Outcome::Revalidated,
+                        ))
+                    }
+                    AfterResponse::Modified(..) => {
+                        // A 304 for validators the entry does not have: the entry is unusable.
+                        cache.invalidate(&url);
+                        Ok(annotate(
+                            self.ctx,
+                            response,
+                            Outcome::Miss,
+                            Status::forwarded(fwd),
+                        ))
+                    }
+                };
+            }
+            return Ok(store_or_pass(
+                cache,
+                self.ctx,
+                &url,
+                &request_headers,
+                response,
+                None,
+                Status::Forwarded {
+                    fwd,
+                    fwd_status: None,
+                    stored: false,
+                    collapsed: false,
+                },
+            ));
+        }
+
+        // A miss. Plain GETs collapse: the first fetches, the others wait and read the entry.
+        let mut flight: Option<FlightGuard> = None;
+        if !head && cond.is_empty() {
+            let key = lookup.variant.as_deref().unwrap_or(&url);
+            match cache.join_flight(key) {
+                Flight::Leader(guard) => flight = Some(guard),
+                Flight::Follower(rx) => {
+                    if cache.wait(rx).await
+                        && let Some(response) =
+                            collapsed_hit(cache, self.ctx, &url, req.headers()).await
+                    {
+                        return Ok(response);
+                    }
+                    // The leader's response was not stored (or took too long): fetch alone.
+                }
+            }
+        }
+        cond.restore(req.headers_mut());
+        let response = self.forward(req).await?;
+        if head {
+            return Ok(annotate(
+                self.ctx,
+                response,
+                Outcome::Miss,
+                Status::forwarded(fwd),
+            ));
+        }
+        Ok(store_or_pass(
             cache,
-            ctx,
+            self.ctx,
             &url,
             &request_headers,
             response,
-            None,
+            flight,
             Status::Forwarded {
                 fwd,
                 fwd_status: None,
                 stored: false,
                 collapsed: false,
             },
-        ));
+        ))
     }
-
-    // A miss. Plain GETs collapse: the first fetches, the others wait and read the entry.
-    let mut flight: Option<FlightGuard> = None;
-    if !head && cond.is_empty() {
-        let key = lookup.variant.as_deref().unwrap_or(&url);
-        match cache.join_flight(key) {
-            Flight::Leader(guard) => flight = Some(guard),
-            Flight::Follower(rx) => {
-                if cache.wait(rx).await
-                    && let Some(response) = collapsed_hit(cache, ctx, &url, req.headers()).await
-                {
-                    return Ok(response);
-                }
-                // The leader's response was not stored (or took too long): fetch alone.
-            }
-        }
-    }
-    cond.restore(req.headers_mut());
-    let response = forward::exchange(proxy, snap, ctx, target, route, check, req).await?;
-    if head {
-        return Ok(annotate(
-            ctx,
-            response,
-            Outcome::Miss,
-            Status::forwarded(fwd),
-        ));
-    }
-    Ok(store_or_pass(
-        cache,
-        ctx,
-        &url,
-        &request_headers,
-        response,
-        flight,
-        Status::Forwarded {
-            fwd,
-            fwd_status: None,
-            stored: false,
-            collapsed: false,
-        },
-    ))
 }
 
 /// After waiting for a collapsed miss: the entry it stored, if it answers this request.
@@ -379,7 +372,7 @@ fn from_entry(
             ClientBody::full(entry.body.clone())
         }
     };
-    ctx.cache = Some(outcome.as_str());
+    ctx.record.cache = Some(outcome);
     Response::from_parts(parts, body)
 }
 
@@ -393,7 +386,7 @@ fn annotate(
     response
         .headers_mut()
         .append(CACHE_STATUS, status.to_header());
-    ctx.cache = Some(outcome.as_str());
+    ctx.record.cache = Some(outcome);
     response
 }
 

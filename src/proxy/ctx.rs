@@ -1,37 +1,19 @@
-//! Stage 1: the per-request context every stage reads and fills in, and that becomes the
-//! request's one access-log line and its metrics when the request is finished.
+//! Stage 1: the per-request context every stage reads and fills in. It holds the request's
+//! access-log record itself, so the line and the metrics come from one value, once, when
+//! the request is finished (the response body is done, or the tunnel closed).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
-use http::{HeaderValue, Method, Version};
+use http::HeaderValue;
 
-use crate::access_log::{AccessRecord, LogSlot};
-use crate::acl::{Decision, Identity};
+use crate::access_log::{AccessLog, AccessRecord, LogSlot};
+use crate::acl::{Decision, Identity, Reason, Verdict};
+use crate::connect::Path;
+use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::Metrics;
-
-/// The route label for requests that go straight to the origin.
-pub const ROUTE_DIRECT: &str = "direct";
-/// The route label when nothing was dialled.
-pub const ROUTE_NONE: &str = "none";
-
-/// [`ROUTE_DIRECT`] as a shared `Arc<str>`: a reference-count bump, not an allocation,
-/// per request.
-pub fn route_direct() -> Arc<str> {
-    static ROUTE: std::sync::LazyLock<Arc<str>> =
-        std::sync::LazyLock::new(|| Arc::from(ROUTE_DIRECT));
-    ROUTE.clone()
-}
-
-/// [`ROUTE_NONE`] as a shared `Arc<str>`.
-pub fn route_none() -> Arc<str> {
-    static ROUTE: std::sync::LazyLock<Arc<str>> =
-        std::sync::LazyLock::new(|| Arc::from(ROUTE_NONE));
-    ROUTE.clone()
-}
 
 /// The client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
@@ -40,26 +22,9 @@ pub struct ConnInfo {
 }
 
 pub struct RequestCtx {
-    pub id: String,
+    /// The line this request will log; stages fill it in as they learn.
+    pub record: AccessRecord,
     pub started: Instant,
-    pub time: SystemTime,
-    pub client: SocketAddr,
-    pub method: Method,
-    pub version: Version,
-    pub target: String,
-    pub user_agent: Option<HeaderValue>,
-    pub referer: Option<HeaderValue>,
-    pub source_name: Option<Arc<str>>,
-    pub labels: Option<Arc<BTreeMap<String, String>>>,
-    pub rule: Option<Arc<str>>,
-    pub verdict: &'static str,
-    pub reason: &'static str,
-    pub route: Arc<str>,
-    pub resolved: Option<SocketAddr>,
-    pub cache: Option<&'static str>,
-    pub status: u16,
-    pub content_type: Option<HeaderValue>,
-    pub error: Option<&'static str>,
     /// Request-body bytes, shared with the body that counts them.
     pub bytes_from_client: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
@@ -76,48 +41,81 @@ impl RequestCtx {
         slot: LogSlot,
     ) -> RequestCtx {
         let headers = req.headers();
+        let mut record = AccessRecord::new(conn.peer, SystemTime::now());
+        record.request_id = next_request_id();
+        record.method = req.method().clone();
+        record.http_version = req.version();
+        record.user_agent = headers.get(http::header::USER_AGENT).map(owned_value);
+        record.referer = headers.get(http::header::REFERER).map(owned_value);
         RequestCtx {
-            id: next_request_id(),
+            record,
             started: Instant::now(),
-            time: SystemTime::now(),
-            client: conn.peer,
-            method: req.method().clone(),
-            version: req.version(),
-            // Filled by the target stage; a request that never gets there logs its raw URI.
-            target: String::new(),
-            user_agent: headers.get(http::header::USER_AGENT).map(owned_value),
-            referer: headers.get(http::header::REFERER).map(owned_value),
-            source_name: None,
-            labels: None,
-            rule: None,
-            verdict: "none",
-            reason: "none",
-            route: route_none(),
-            resolved: None,
-            cache: None,
-            status: 0,
-            content_type: None,
-            error: None,
             bytes_from_client: Arc::new(AtomicU64::new(0)),
             metrics,
             slot: Some(slot),
         }
     }
 
+    /// A connection refused before any request could be read (overload, an unparsable or
+    /// too slow first head): the line says what was answered. Logs through `finish_async`.
+    pub fn rejected(
+        peer: SocketAddr,
+        started: Instant,
+        time: SystemTime,
+        metrics: Arc<Metrics>,
+    ) -> RequestCtx {
+        let mut record = AccessRecord::new(peer, time);
+        record.target = "-".into();
+        RequestCtx {
+            record,
+            started,
+            bytes_from_client: Arc::new(AtomicU64::new(0)),
+            metrics,
+            slot: None,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.record.request_id
+    }
+
+    pub fn client_ip(&self) -> std::net::IpAddr {
+        self.record.client.ip()
+    }
+
     pub fn set_identity(&mut self, id: &Identity) {
-        self.source_name = id.name().map(Arc::from);
-        self.labels = id.labels().cloned();
+        self.record.source_name = id.name().map(Arc::from);
+        self.record.labels = id.labels().cloned();
     }
 
     pub fn set_decision(&mut self, d: &Decision) {
-        self.rule = d.rule.clone();
-        self.verdict = d.verdict.as_str();
-        self.reason = d.reason.as_str();
+        self.record.rule = d.rule.clone();
+        self.record.verdict = Some(d.verdict);
+        self.record.reason = Some(d.reason);
+    }
+
+    /// Where the connect step got to (also when it failed).
+    pub fn set_path(&mut self, path: &Path) {
+        self.record.route = path.hop.clone();
+        if path.peer.is_some() {
+            self.record.resolved = path.peer;
+        }
+    }
+
+    /// The request ends with `err`'s answer. A denial found after the decision (every
+    /// address of the name is internal) is logged as the deny it was answered with.
+    pub fn failed(&mut self, err: &ProxyError) {
+        let kind = err.kind();
+        self.note_error(kind);
+        if kind == ErrorKind::InternalDestination {
+            self.record.verdict = Some(Verdict::Deny);
+            self.record.reason = Some(Reason::InternalDestination);
+        }
     }
 
     /// Keep the first error: it is the cause, later ones are consequences.
-    pub fn note_error(&mut self, kind: &'static str) {
-        self.error.get_or_insert(kind);
+    pub fn note_error(&mut self, kind: ErrorKind) {
+        self.record.error.get_or_insert(kind);
     }
 
     /// Write the access-log line and record metrics. Called once, when the response
@@ -129,77 +127,49 @@ impl RequestCtx {
 
     /// As [`RequestCtx::finish`], from async code that may wait for log capacity (tunnels
     /// log at close and hold no slot while open).
-    pub async fn finish_async(&mut self, log: &crate::access_log::AccessLog, bytes_to_client: u64) {
+    pub async fn finish_async(&mut self, log: &AccessLog, bytes_to_client: u64) {
         log.send(self.take_record(bytes_to_client)).await;
     }
 
+    /// The finished record, with every metric of the request recorded from it.
     fn take_record(&mut self, bytes_to_client: u64) -> AccessRecord {
-        let duration = self.started.elapsed();
-        let bytes_from_client = self.bytes_from_client.load(Ordering::Relaxed);
-        self.metrics.request_finished(
-            &self.method,
-            self.status,
-            self.verdict,
-            duration,
-            bytes_from_client,
+        let spent = AccessRecord::new(self.record.client, self.record.time);
+        let mut record = std::mem::replace(&mut self.record, spent);
+        record.duration = self.started.elapsed();
+        record.bytes_from_client = self.bytes_from_client.load(Ordering::Relaxed);
+        record.bytes_to_client = bytes_to_client;
+        let metrics = &self.metrics;
+        metrics.request_finished(
+            &record.method,
+            record.status,
+            record.verdict,
+            record.duration,
+            record.bytes_from_client,
             bytes_to_client,
         );
-        if let Some(cache) = self.cache {
-            self.metrics.cache(cache, bytes_to_client);
+        match record.error {
+            Some(ErrorKind::RateLimited) => metrics.rate_limited(),
+            Some(kind) if kind.is_denial() => metrics.denied(kind),
+            _ => {}
         }
-        AccessRecord {
-            time: self.time,
-            duration,
-            request_id: std::mem::take(&mut self.id),
-            client: self.client,
-            method: self.method.clone(),
-            target: std::mem::take(&mut self.target),
-            status: self.status,
-            bytes_from_client,
-            bytes_to_client,
-            resolved: self.resolved,
-            error: self.error,
-            source_name: self.source_name.take(),
-            labels: self.labels.take(),
-            rule: self.rule.take(),
-            verdict: self.verdict,
-            reason: self.reason,
-            route: self.route.clone(),
-            cache: self.cache,
-            content_type: self.content_type.take(),
-            user_agent: self.user_agent.take(),
-            referer: self.referer.take(),
-            http_version: self.version,
+        if let (Some(Verdict::Report), Some(reason)) = (record.verdict, record.reason) {
+            metrics.denied_report(reason);
         }
+        if let Some(cache) = record.cache {
+            metrics.cache(cache, bytes_to_client);
+        }
+        record
     }
 
-    /// A copy of this context for a tunnel, which logs when it closes. This context gives
-    /// up its log slot, so the `200` that opened the tunnel writes no line of its own.
-    pub fn detached_from(ctx: &mut RequestCtx) -> RequestCtx {
-        ctx.slot = None;
+    /// The context of a tunnel, which logs when it closes. This context gives up its log
+    /// slot, so the `200` that opened the tunnel writes no line of its own.
+    pub fn detach_tunnel(&mut self) -> RequestCtx {
+        self.slot = None;
         RequestCtx {
-            id: ctx.id.clone(),
-            started: ctx.started,
-            time: ctx.time,
-            client: ctx.client,
-            method: ctx.method.clone(),
-            version: ctx.version,
-            target: ctx.target.clone(),
-            user_agent: ctx.user_agent.clone(),
-            referer: ctx.referer.clone(),
-            source_name: ctx.source_name.clone(),
-            labels: ctx.labels.clone(),
-            rule: ctx.rule.clone(),
-            verdict: ctx.verdict,
-            reason: ctx.reason,
-            route: ctx.route.clone(),
-            resolved: ctx.resolved,
-            cache: None,
-            status: ctx.status,
-            content_type: None,
-            error: None,
+            record: self.record.clone(),
+            started: self.started,
             bytes_from_client: Arc::new(AtomicU64::new(0)),
-            metrics: ctx.metrics.clone(),
+            metrics: self.metrics.clone(),
             slot: None,
         }
     }

@@ -12,253 +12,155 @@
 //!                    Proxy-Authorization: Basic YWxpY2U6cHc=   Via: 1.1 kalmar
 //! ```
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::SocketAddr;
 
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
-use super::Proxy;
+use super::Exchange;
 use super::body::{ClientBody, UpstreamBody};
-use super::ctx::{RequestCtx, route_direct};
 use super::headers::{RequestRewrite, rewrite_request, rewrite_response};
-use super::target::Target;
-use crate::connect::pool::{PoolKey, PooledSender};
-use crate::connect::upstream::{Parent, ParentFailure, ParentSet, Route, is_parent_refusal};
-use crate::connect::{self, Vetted};
+use crate::connect::upstream::{Parent, is_parent_refusal};
+use crate::connect::{HttpConn, Path};
 use crate::error::ProxyError;
-use crate::state::Snapshot;
 
-pub async fn forward(
-    proxy: &Arc<Proxy>,
-    snap: &Arc<Snapshot>,
-    ctx: &mut RequestCtx,
-    target: &Target,
-    check: impl FnMut(IpAddr) -> Result<(), ProxyError>,
-    req: Request<Incoming>,
-) -> Result<Response<ClientBody>, ProxyError> {
-    let config = &snap.config;
-    let vetted = connect::resolve_vetted(
-        &snap.resolver,
-        &proxy.metrics,
-        &target.host,
-        target.port,
-        check,
-    )
-    .await?;
+// === impl Exchange ===
 
-    let (mut parts, body) = req.into_parts();
-    rewrite_request(&mut parts.headers, &request_rewrite(snap, ctx, target));
-    parts.uri = target.origin_form();
-    parts.version = Version::HTTP_11;
-    let mut request = Request::from_parts(
-        parts,
-        UpstreamBody::from_client(body, ctx.bytes_from_client.clone()),
-    );
-    ctx.route = route_direct();
+impl Exchange<'_> {
+    /// Stages 7-8 for plain HTTP: connect (a pooled connection when there is one), send the
+    /// request, and hand back the response head with its body still streaming.
+    pub async fn forward(
+        &mut self,
+        req: Request<Incoming>,
+    ) -> Result<Response<ClientBody>, ProxyError> {
+        let connector = self.connector();
+        let dst = self.dest();
+        let guard = |ip| self.snap.policy.check_address(&self.decision, ip);
+        let mut path = Path::default();
+        let opened = connector.http(&self.route, &dst, &guard, &mut path).await;
+        self.ctx.set_path(&path);
+        let mut conn = opened?;
+        let mut request = self.upstream_request(req, conn.parent())?;
 
-    // A pooled connection may have been closed by the origin a moment ago; hyper hands the
-    // request back when it was not sent, and then one fresh connection is tried.
-    let mut conn = checkout_or_dial(proxy, snap, &vetted, true).await?;
-    ctx.resolved = Some(addr_of(&conn));
-    let timeout = config.timeouts.upstream_response_header;
-    let response = loop {
-        let addr = addr_of(&conn);
-        match await_response(
-            conn.sender.try_send_request(request),
-            &ctx.bytes_from_client,
-            timeout,
-        )
-        .await
-        .ok_or(ProxyError::ResponseTimeout { addr, timeout })?
-        {
-            Ok(response) => break response,
-            Err(mut err) => match err.take_message() {
-                Some(unsent) if conn.reused => {
-                    request = unsent;
-                    conn = checkout_or_dial(proxy, snap, &vetted, false).await?;
-                    ctx.resolved = Some(addr_of(&conn));
-                }
-                _ => return Err(upstream_error(addr, &err.into_error(), timeout)),
-            },
-        }
-    };
-
-    let (mut parts, body) = response.into_parts();
-    rewrite_response(&mut parts.headers, snap.via.as_ref());
-    parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(
-        parts,
-        ClientBody::upstream(body, conn),
-    ))
-}
-
-/// Send the request through one of `parents`. A parent whose connect fails is marked down
-/// and the next one tried (the request has not been sent); once sent, a failure is final.
-/// How the request's headers change on the way out, for any route.
-fn request_rewrite<'a>(
-    snap: &'a Snapshot,
-    ctx: &'a RequestCtx,
-    target: &'a Target,
-) -> RequestRewrite<'a> {
-    RequestRewrite {
-        via: snap.via.as_ref(),
-        forwarded_for: snap.config.proxy.x_forwarded_for,
-        client_ip: ctx.client.ip(),
-        host: &target.authority,
-        request_id: snap
-            .request_id_header
-            .as_ref()
-            .map(|name| (name, ctx.id.as_str())),
-    }
-}
-
-/// The exchange with whatever the route says: the origin itself, or a parent proxy.
-pub async fn exchange(
-    proxy: &Arc<Proxy>,
-    snap: &Arc<Snapshot>,
-    ctx: &mut RequestCtx,
-    target: &Target,
-    route: &Route<'_>,
-    check: impl FnMut(IpAddr) -> Result<(), ProxyError>,
-    req: Request<Incoming>,
-) -> Result<Response<ClientBody>, ProxyError> {
-    match route {
-        Route::Direct(_) => forward(proxy, snap, ctx, target, check, req).await,
-        // Boxed: hyper moves the whole request future into place for every request, so
-        // the less common route's state lives on the heap, only when it is taken.
-        Route::Parents(parents) => {
-            Box::pin(forward_via_parent(proxy, snap, ctx, target, parents, req)).await
-        }
-    }
-}
-
-pub async fn forward_via_parent(
-    proxy: &Arc<Proxy>,
-    snap: &Arc<Snapshot>,
-    ctx: &mut RequestCtx,
-    target: &Target,
-    parents: &ParentSet,
-    req: Request<Incoming>,
-) -> Result<Response<ClientBody>, ProxyError> {
-    let config = &snap.config;
-    let mut attempts = parents.attempts()?;
-    let (mut parts, body) = req.into_parts();
-    rewrite_request(&mut parts.headers, &request_rewrite(snap, ctx, target));
-    parts.uri = target.absolute_form()?;
-    parts.version = Version::HTTP_11;
-    let mut request = Request::from_parts(
-        parts,
-        UpstreamBody::from_client(body, ctx.bytes_from_client.clone()),
-    );
-    let timeout = config.timeouts.upstream_response_header;
-    let (response, conn, parent) = 'parents: loop {
-        let Some(parent) = attempts.next_parent() else {
-            return Err(attempts.exhausted());
-        };
-        ctx.route = parent.label().clone();
-        match parent.auth() {
-            Some(auth) => {
-                request
-                    .headers_mut()
-                    .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
-            }
-            None => {
-                request
-                    .headers_mut()
-                    .remove(http::header::PROXY_AUTHORIZATION);
-            }
-        }
-        let mut allow_pooled = true;
-        loop {
-            let mut conn = match checkout_or_dial_parent(proxy, snap, parent, allow_pooled).await {
-                Ok(conn) => conn,
-                Err(failure) => {
-                    proxy.metrics.upstream_request(parent.label(), false);
-                    attempts.failed(parent, failure);
-                    continue 'parents;
-                }
-            };
-            ctx.resolved = Some(conn.peer);
+        // A pooled connection may have been closed by its peer a moment ago; hyper hands the
+        // request back when it was not sent, and then a fresh connection is tried.
+        let timeout = self.snap.config.timeouts.upstream_response_header;
+        let response = loop {
+            let addr = conn.sender.peer;
             let sent = await_response(
-                conn.sender.try_send_request(request),
-                &ctx.bytes_from_client,
+                conn.sender.sender.try_send_request(request),
+                &self.ctx.bytes_from_client,
                 timeout,
             )
             .await;
             let Some(sent) = sent else {
-                proxy.metrics.upstream_request(parent.label(), false);
-                return Err(ProxyError::UpstreamTimeout {
-                    parent: parent.label().to_string(),
-                    timeout,
-                });
+                connector.finished(&conn, false);
+                return Err(response_timeout(&conn, addr, timeout));
             };
             match sent {
-                Ok(response) => break 'parents (response, conn, parent),
+                Ok(response) => break response,
                 Err(mut err) => match err.take_message() {
-                    // A stale pooled connection: the request was not sent, try a fresh one.
-                    Some(unsent) if conn.reused => {
+                    Some(unsent) if conn.sender.reused => {
                         request = unsent;
-                        allow_pooled = false;
+                        let reopened = connector.reopen(&mut conn, &mut path).await;
+                        self.ctx.set_path(&path);
+                        reopened?;
+                        set_parent_auth(&mut request, conn.parent().map(|p| &**p));
                     }
                     _ => {
-                        proxy.metrics.upstream_request(parent.label(), false);
-                        return Err(upstream_error(conn.peer, &err.into_error(), timeout));
+                        connector.finished(&conn, false);
+                        return Err(upstream_error(addr, &err.into_error(), timeout));
                     }
                 },
             }
-        }
-    };
+        };
 
-    let status = response.status();
-    if is_parent_refusal(status, response.headers()) {
-        // The parent's own error page is not the origin's answer: say who refused.
-        proxy.metrics.upstream_request(parent.label(), false);
-        drop(conn);
-        return Err(ProxyError::UpstreamRefused {
-            parent: parent.label().to_string(),
-            status: status.as_u16(),
-        });
+        if let Some(parent) = conn.parent()
+            && is_parent_refusal(response.status(), response.headers())
+        {
+            // The parent's own error page is not the origin's answer: say who refused.
+            connector.finished(&conn, false);
+            return Err(ProxyError::UpstreamRefused {
+                parent: parent.label().to_string(),
+                status: response.status().as_u16(),
+            });
+        }
+        connector.finished(&conn, true);
+        let (mut parts, body) = response.into_parts();
+        rewrite_response(&mut parts.headers, self.snap.via.as_ref());
+        parts.version = Version::HTTP_11;
+        Ok(Response::from_parts(
+            parts,
+            ClientBody::upstream(body, conn.sender),
+        ))
     }
-    proxy.metrics.upstream_request(parent.label(), true);
-    let (mut parts, body) = response.into_parts();
-    rewrite_response(&mut parts.headers, snap.via.as_ref());
-    parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(
-        parts,
-        ClientBody::upstream(body, conn),
-    ))
+
+    /// The request as it goes upstream: hop-by-hop headers rewritten, origin-form to an
+    /// origin, absolute-form (with the parent's credentials) to a parent.
+    fn upstream_request(
+        &self,
+        req: Request<Incoming>,
+        parent: Option<&std::sync::Arc<Parent>>,
+    ) -> Result<Request<UpstreamBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let rewrite = RequestRewrite {
+            via: self.snap.via.as_ref(),
+            forwarded_for: self.snap.config.proxy.x_forwarded_for,
+            client_ip: self.ctx.client_ip(),
+            host: &self.target.authority,
+            request_id: self
+                .snap
+                .request_id_header
+                .as_ref()
+                .map(|name| (name, self.ctx.id())),
+        };
+        rewrite_request(&mut parts.headers, &rewrite);
+        parts.uri = match parent {
+            Some(_) => self.target.absolute_form()?,
+            None => self.target.origin_form(),
+        };
+        parts.version = Version::HTTP_11;
+        let mut request = Request::from_parts(
+            parts,
+            UpstreamBody::from_client(body, self.ctx.bytes_from_client.clone()),
+        );
+        if parent.is_some() {
+            set_parent_auth(&mut request, parent.map(|p| &**p));
+        }
+        Ok(request)
+    }
 }
 
-/// An idle pooled connection to `parent`, or a new one (TCP, or TLS for an https parent).
-async fn checkout_or_dial_parent(
-    proxy: &Arc<Proxy>,
-    snap: &Snapshot,
-    parent: &Parent,
-    allow_pooled: bool,
-) -> Result<PooledSender, ParentFailure> {
-    let key = PoolKey::Parent(parent.pool_key.clone());
-    if allow_pooled && let Some(conn) = proxy.pool.checkout(&key) {
-        return Ok(conn);
-    }
-    let (stream, addr) = parent
-        .dial(&snap.resolver, snap.config.timeouts.connect, &proxy.metrics)
-        .await?;
-    let (sender, connection) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| ParentFailure::Connect {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
-    let label = parent.label().clone();
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(parent = %label, error = %e, "parent connection ended with an error");
+/// `Proxy-Authorization` for the parent the request goes to (none to an origin: the
+/// client's own credentials for Kalmar were already removed as hop-by-hop).
+fn set_parent_auth(request: &mut Request<UpstreamBody>, parent: Option<&Parent>) {
+    match parent.and_then(Parent::auth) {
+        Some(auth) => {
+            request
+                .headers_mut()
+                .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
         }
-    });
-    Ok(proxy.pool.fresh(key, addr, sender))
+        None => {
+            request
+                .headers_mut()
+                .remove(http::header::PROXY_AUTHORIZATION);
+        }
+    }
+}
+
+/// No response head in time: a parent's silence is the parent's, an origin's is the origin's.
+fn response_timeout(
+    conn: &HttpConn<'_>,
+    addr: SocketAddr,
+    timeout: std::time::Duration,
+) -> ProxyError {
+    match conn.parent() {
+        Some(parent) => ProxyError::UpstreamTimeout {
+            parent: parent.label().to_string(),
+            timeout,
+        },
+        None => ProxyError::ResponseTimeout { addr, timeout },
+    }
 }
 
 /// Wait for the response head. The timeout counts time without progress: while the
@@ -282,51 +184,6 @@ async fn await_response<F: std::future::Future>(
             }
         }
     }
-}
-
-fn addr_of(conn: &PooledSender) -> SocketAddr {
-    conn.peer
-}
-
-/// An idle pooled connection to one of the vetted addresses, or a new one.
-async fn checkout_or_dial(
-    proxy: &Arc<Proxy>,
-    snap: &Snapshot,
-    vetted: &Vetted,
-    allow_pooled: bool,
-) -> Result<PooledSender, ProxyError> {
-    if allow_pooled {
-        for addr in &vetted.addrs {
-            if let Some(conn) = proxy.pool.checkout(&PoolKey::Origin(*addr)) {
-                return Ok(conn);
-            }
-        }
-    }
-    // Dialling and the handshake are the large, rarer part (kept-alive connections are
-    // reused): boxed so that they do not grow every request's future.
-    Box::pin(dial_origin(proxy, snap, vetted)).await
-}
-
-async fn dial_origin(
-    proxy: &Arc<Proxy>,
-    snap: &Snapshot,
-    vetted: &Vetted,
-) -> Result<PooledSender, ProxyError> {
-    let (stream, addr) =
-        connect::dial(vetted, snap.config.timeouts.connect, &proxy.metrics).await?;
-    let (sender, connection) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| ProxyError::ConnectFailed {
-            addr,
-            reason: e.to_string(),
-        })?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(%addr, error = %e, "origin connection ended with an error");
-        }
-    });
-    Ok(proxy.pool.fresh(PoolKey::Origin(addr), addr, sender))
 }
 
 fn upstream_error(addr: SocketAddr, e: &hyper::Error, timeout: std::time::Duration) -> ProxyError {

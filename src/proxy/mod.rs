@@ -1,19 +1,20 @@
-//! The request pipeline. `Proxy::handle` runs the stages top to bottom; any stage may end
-//! the request with a `ProxyError`, which is turned into a response in exactly one place.
+//! The request pipeline. `Proxy::handle` runs the stages top to bottom on one per-request
+//! value, [`Exchange`], whose methods are the stages; any stage may end the request with a
+//! `ProxyError`, which becomes the answer in exactly one place ([`Proxy::respond`]).
 //!
-//! | # | stage                                   | may end with            |
-//! |---|-----------------------------------------|-------------------------|
-//! | 1 | context (id, start, peer)               | –                       |
-//! | 2 | identify: source IP → labels            | –                       |
-//! | 3 | rate limit by source                    | 429                     |
-//! | 4 | parse target, method checks             | 400 / 405 / 501         |
-//! | 5 | authorize: rules × destination × ports  | 403                     |
-//! | 6 | cache lookup (plain-HTTP GET/HEAD)      | hit / 304 / 504 not-cached |
-//! | 7 | route (direct / parent), resolve, vet every address, dial | 403 / 502 / 504 |
-//! | 8 | forward the exchange, or tunnel bytes   | 502 / 504               |
-//! | 9 | cache store, while the body streams     | –                       |
-//! |10 | error → response (`ProxyError::to_response`) | –                  |
-//! |11 | access-log line + metrics, when the body or tunnel is done | –    |
+//! | # | stage                                   | where                     | may end with            |
+//! |---|-----------------------------------------|---------------------------|-------------------------|
+//! | 1 | context (id, start, peer)               | `ctx`                     | –                       |
+//! | 2 | identify: source IP → labels            | `Proxy::admit`            | –                       |
+//! | 3 | rate limit by source                    | `Proxy::admit`            | 429                     |
+//! | 4 | parse target, method checks             | `Proxy::admit`, `target`  | 400 / 405 / 501         |
+//! | 5 | authorize: rules × destination × ports  | `Proxy::admit`            | 403                     |
+//! | 6 | cache lookup (plain-HTTP GET/HEAD)      | `cache_stage`             | hit / 304 / 504 not-cached |
+//! | 7 | connect: route, resolve, vet every address, dial (or a parent) | `connect::Connector` | 403 / 502 / 504 |
+//! | 8 | forward the exchange, or relay the tunnel | `forward`, `tunnel`, `relay` | 502 / 504          |
+//! | 9 | cache store, while the body streams     | `cache_stage`, `cache::tee` | –                     |
+//! |10 | error → response                        | `Proxy::respond`          | –                       |
+//! |11 | access-log line + metrics, when the body or tunnel is done | `ctx` | –                    |
 
 pub mod body;
 pub mod cache_stage;
@@ -30,13 +31,14 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
 use crate::access_log::AccessLog;
-use crate::acl::{Destination, Verdict};
-use crate::connect;
+use crate::acl::{Decision, Destination, Identity};
 use crate::connect::pool::Pool;
 use crate::connect::upstream::Route;
+use crate::connect::{Connector, Dest};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::state::{SharedState, Snapshot};
+use crate::tracker::Tracker;
 use body::ClientBody;
 use ctx::{ConnInfo, RequestCtx};
 use target::Target;
@@ -47,9 +49,21 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub log: AccessLog,
     pub pool: Arc<Pool>,
-    pub tracker: Arc<crate::server::Tracker>,
+    pub tracker: Arc<Tracker>,
     /// The response cache; survives reloads (None when disabled at start).
     pub cache: Option<Arc<crate::cache::Cache>>,
+}
+
+/// One admitted request on its way through stages 6-9: who asked, for what, what the policy
+/// decided and which way it goes. Every later stage is a method of this value.
+pub struct Exchange<'a> {
+    pub proxy: &'a Arc<Proxy>,
+    pub snap: &'a Snapshot,
+    pub ctx: &'a mut RequestCtx,
+    pub identity: Identity,
+    pub target: Target,
+    pub decision: Decision,
+    pub route: Route<'a>,
 }
 
 // === impl Proxy ===
@@ -61,71 +75,43 @@ impl Proxy {
         req: Request<Incoming>,
         conn: &ConnInfo,
     ) -> Response<ClientBody> {
-        // Back-pressure: wait here, before any work, if the access log is behind.
+        // 0. Back-pressure: wait here, before any work, if the access log is behind.
         let slot = self.log.reserve().await;
+        // 1. context
         let mut ctx = Box::new(RequestCtx::new(conn, &req, self.metrics.clone(), slot));
         let snap = self.state.load();
         let raw_uri = req.uri().clone();
-        let mut response = match self.process(&snap, &mut ctx, req).await {
-            Ok(response) => response,
-            Err(err) => {
-                ctx.note_error(err.kind());
-                if ctx.target.is_empty() {
-                    ctx.target = raw_uri.to_string();
-                }
-                if let ProxyError::Denied { kind, .. } = &err {
-                    self.metrics.denied(kind);
-                }
-                if matches!(err, ProxyError::RateLimited { .. }) {
-                    self.metrics.rate_limited();
-                }
-                tracing::debug!(request_id = %ctx.id, error = %err, "request failed");
-                let mut response: Response<ClientBody> = err.to_response(&ctx.id);
-                if let ProxyError::RateLimited { retry_after, .. } = &err {
-                    response.headers_mut().insert(
-                        http::header::RETRY_AFTER,
-                        retry_after.as_secs().max(1).into(),
-                    );
-                }
-                response
-            }
+        // 2-5, then 6-9
+        let result = match self.admit(&snap, &mut ctx, &req) {
+            Ok(exchange) => exchange.run(req).await,
+            Err(err) => Err(err),
         };
-        ctx.status = response.status().as_u16();
-        ctx.content_type = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .map(ctx::owned_value);
-        let body = std::mem::replace(response.body_mut(), ClientBody::empty());
-        *response.body_mut() = body.with_ctx(ctx);
-        response
+        // 10-11
+        self.respond(ctx, result, &raw_uri)
     }
 
-    async fn process(
-        self: &Arc<Self>,
-        snap: &Arc<Snapshot>,
-        ctx: &mut RequestCtx,
-        req: Request<Incoming>,
-    ) -> Result<Response<ClientBody>, ProxyError> {
-        let client_ip = ctx.client.ip();
+    /// Stages 2-5: identify, rate limit, parse the target, authorize, and pick the route.
+    fn admit<'a>(
+        self: &'a Arc<Self>,
+        snap: &'a Snapshot,
+        ctx: &'a mut RequestCtx,
+        req: &Request<Incoming>,
+    ) -> Result<Exchange<'a>, ProxyError> {
+        let client_ip = ctx.client_ip();
 
         // 2. identify
         let identity = snap.policy.identify(client_ip);
         ctx.set_identity(&identity);
 
         // 3. rate limit
-        snap.limits
-            .check_request(&identity, client_ip)
-            .map_err(|e| ProxyError::RateLimited {
-                retry_after: e.retry_after,
-                limit: e.limit.to_string(),
-            })?;
+        snap.limits.check_request(&identity, client_ip)?;
 
         // 4. target and method
         if req.method() == Method::TRACE && !snap.config.proxy.allow_trace {
             return Err(ProxyError::MethodNotAllowed(Method::TRACE));
         }
         let target = Target::from_request(req.method(), req.uri())?;
-        ctx.target = target.log_target();
+        ctx.record.target = target.log_target();
 
         // 5. authorize
         let decision = snap.policy.authorize(
@@ -138,65 +124,90 @@ impl Proxy {
             },
         );
         ctx.set_decision(&decision);
-        if decision.verdict == Verdict::Report {
-            self.metrics.denied_report(decision.reason.as_str());
-        }
-        if !decision.verdict.is_allowed() {
+        if let Some(kind) = decision.error_kind() {
             return Err(ProxyError::Denied {
-                kind: decision.error_kind().unwrap_or("denied"),
+                kind,
                 message: decision.message(&target.authority),
             });
         }
 
-        // 6-9. cache (plain HTTP), connect and exchange
-        let check = |ip| {
-            snap.policy
-                .check_address(&decision, ip)
-                .map_err(|denied| ProxyError::Denied {
-                    kind: "internal-destination",
-                    message: denied.to_string(),
-                })
-        };
         // 7a. route: direct, or through a parent proxy (after the ACL, never instead of it)
         let route = snap
             .upstream
             .route(&target.host, target.port, target.protocol);
-        if let Route::Parents(_) = route {
-            Box::pin(connect::vet_for_parent(
-                &snap.resolver,
-                &self.metrics,
-                &target.host,
-                snap.upstream.check_resolved,
-                &check,
-            ))
-            .await?;
-        }
-        match target.protocol {
-            crate::acl::Protocol::Connect => {
-                let permit = snap
-                    .limits
-                    .acquire_tunnel(&identity, client_ip)
-                    .map_err(|e| ProxyError::RateLimited {
-                        retry_after: e.retry_after,
-                        limit: e.limit.to_string(),
-                    })?;
-                // Boxed, as every branch but plain forwarding: the request future is moved
-                // into place per request, and only the common path should size it.
-                match route {
-                    Route::Direct(_) => {
-                        Box::pin(tunnel::open(self, snap, ctx, &target, check, req, permit)).await
-                    }
-                    Route::Parents(parents) => {
-                        Box::pin(tunnel::open_via_parent(
-                            self, snap, ctx, &target, parents, req, permit,
-                        ))
-                        .await
-                    }
+        Ok(Exchange {
+            proxy: self,
+            snap,
+            ctx,
+            identity,
+            target,
+            decision,
+            route,
+        })
+    }
+
+    /// Stage 10: the answer. An error becomes Kalmar's own response here and nowhere else;
+    /// the context rides on the body and logs the line (stage 11) when the body is done.
+    fn respond(
+        &self,
+        mut ctx: Box<RequestCtx>,
+        result: Result<Response<ClientBody>, ProxyError>,
+        raw_uri: &http::Uri,
+    ) -> Response<ClientBody> {
+        let mut response = match result {
+            Ok(response) => response,
+            Err(err) => {
+                ctx.failed(&err);
+                if ctx.record.target.is_empty() {
+                    ctx.record.target = raw_uri.to_string();
                 }
+                tracing::debug!(request_id = %ctx.id(), error = %err, "request failed");
+                err.to_response(ctx.id())
             }
-            crate::acl::Protocol::Http => {
-                cache_stage::serve(self, snap, ctx, &target, &route, check, req).await
-            }
+        };
+        ctx.record.status = response.status().as_u16();
+        ctx.record.content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .map(ctx::owned_value);
+        let body = std::mem::replace(response.body_mut(), ClientBody::empty());
+        *response.body_mut() = body.with_ctx(ctx);
+        response
+    }
+}
+
+// === impl Exchange ===
+
+impl<'a> Exchange<'a> {
+    /// Stages 6-9: the CONNECT branch relays, the plain-HTTP branch goes through the cache
+    /// around one exchange.
+    async fn run(self, req: Request<Incoming>) -> Result<Response<ClientBody>, ProxyError> {
+        match self.target.protocol {
+            // Boxed, as every branch but plain forwarding: the request future is moved into
+            // place per request, and only the common path should size it.
+            crate::acl::Protocol::Connect => Box::pin(self.tunnel(req)).await,
+            crate::acl::Protocol::Http => self.serve_http(req).await,
+        }
+    }
+
+    /// The connect step's view of this request's snapshot and the process.
+    fn connector(&self) -> Connector<'a> {
+        let timeouts = &self.snap.config.timeouts;
+        Connector {
+            resolver: &self.snap.resolver,
+            metrics: &self.proxy.metrics,
+            pool: &self.proxy.pool,
+            connect_timeout: timeouts.connect,
+            answer_timeout: timeouts.upstream_response_header,
+            check_resolved: self.snap.upstream.check_resolved,
+        }
+    }
+
+    fn dest(&self) -> Dest<'_> {
+        Dest {
+            host: &self.target.host,
+            port: self.target.port,
+            authority: &self.target.authority,
         }
     }
 }

@@ -21,6 +21,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::error::ErrorKind;
+use crate::net::write_all;
+
 #[cfg(target_os = "linux")]
 mod splice;
 
@@ -40,12 +43,12 @@ pub enum TunnelEnd {
 }
 
 impl TunnelEnd {
-    pub fn as_error(self) -> Option<&'static str> {
+    pub fn as_error(self) -> Option<ErrorKind> {
         match self {
             TunnelEnd::Closed => None,
-            TunnelEnd::IdleTimeout => Some("tunnel-idle-timeout"),
-            TunnelEnd::Error => Some("tunnel-error"),
-            TunnelEnd::Shutdown => Some("shutting-down"),
+            TunnelEnd::IdleTimeout => Some(ErrorKind::TunnelIdleTimeout),
+            TunnelEnd::Error => Some(ErrorKind::TunnelError),
+            TunnelEnd::Shutdown => Some(ErrorKind::ShuttingDown),
         }
     }
 }
@@ -59,7 +62,7 @@ pub async fn relay(
     buffered: Bytes,
     early: Bytes,
     idle: Duration,
-    tracker: &crate::server::Tracker,
+    tracker: &crate::tracker::Tracker,
 ) -> (u64, u64, TunnelEnd) {
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
@@ -94,7 +97,7 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite + Unpin>(
     buffered: Bytes,
     early: Bytes,
     idle: Duration,
-    tracker: &crate::server::Tracker,
+    tracker: &crate::tracker::Tracker,
 ) -> (u64, u64, TunnelEnd) {
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
@@ -142,7 +145,7 @@ async fn run_until_end<T>(
     start: Instant,
     last_activity: &AtomicU64,
     idle: Duration,
-    tracker: &crate::server::Tracker,
+    tracker: &crate::tracker::Tracker,
 ) -> TunnelEnd {
     tokio::select! {
         result = relay => if result.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
@@ -291,18 +294,6 @@ fn return_buffer(mut buf: Vec<u8>) {
     });
 }
 
-pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -312,7 +303,7 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
-    use crate::server::Tracker;
+    use crate::tracker::Tracker;
 
     const MIB: usize = 1024 * 1024;
 

@@ -6,7 +6,8 @@
 //! kalmar -> client:  HTTP/1.1 200 OK
 //! ...then opaque bytes (TLS) in both directions until both sides are done...
 //! ```
-//! This module opens the tunnel and spawns its task; moving the bytes is `super::relay`.
+//! This module opens the tunnel (the far end comes from the one connect step,
+//! `connect::Connector::tunnel`) and spawns its task; moving the bytes is `super::relay`.
 //! The client's `TcpStream` is taken back out of hyper's upgraded connection so that
 //! hyper's read buffer is freed: together with the relay, which holds no buffer while a
 //! tunnel is idle, that keeps an idle tunnel to a few KiB.
@@ -16,7 +17,6 @@
 //! the client first. A plain-TCP parent takes the same zero-idle-buffer relay as an origin;
 //! a TLS parent takes a generic relay over the TLS stream (it holds a buffer per direction).
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -27,177 +27,81 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::Proxy;
+use super::Exchange;
 use super::body::ClientBody;
-use super::ctx::{RequestCtx, route_direct};
 use super::relay::{TunnelEnd, relay, relay_io};
-use super::target::Target;
-use crate::connect;
-use crate::connect::upstream::{HandshakeError, ParentSet, ParentStream, connect_handshake};
+use crate::connect::{Path, TunnelStream};
 use crate::error::ProxyError;
 use crate::limit::TunnelPermit;
-use crate::server::ClientIo;
-use crate::state::Snapshot;
+use crate::net::ClientIo;
 
-/// The far end of a tunnel and the bytes already read from it (a parent's early data).
-enum Far {
-    Tcp(TcpStream, Bytes),
-    Stream(ParentStream, Bytes),
-}
+// === impl Exchange ===
 
-pub async fn open(
-    proxy: &Arc<Proxy>,
-    snap: &Arc<Snapshot>,
-    ctx: &mut RequestCtx,
-    target: &Target,
-    check: impl FnMut(IpAddr) -> Result<(), ProxyError>,
-    req: Request<Incoming>,
-    permit: TunnelPermit,
-) -> Result<Response<ClientBody>, ProxyError> {
-    let vetted = connect::resolve_vetted(
-        &snap.resolver,
-        &proxy.metrics,
-        &target.host,
-        target.port,
-        check,
-    )
-    .await?;
-    let (origin, addr) =
-        connect::dial(&vetted, snap.config.timeouts.connect, &proxy.metrics).await?;
-    ctx.resolved = Some(addr);
-    ctx.route = route_direct();
-    Ok(spawn_tunnel(
-        proxy,
-        snap,
-        ctx,
-        req,
-        permit,
-        Far::Tcp(origin, Bytes::new()),
-    ))
-}
+impl Exchange<'_> {
+    /// Stages 7-8 for CONNECT: a tunnel slot for this client, the far end (an origin, or a
+    /// parent that accepted our own CONNECT), then `200` and the relay in a task of its own.
+    pub async fn tunnel(self, req: Request<Incoming>) -> Result<Response<ClientBody>, ProxyError> {
+        let permit = self
+            .snap
+            .limits
+            .acquire_tunnel(&self.identity, self.ctx.client_ip())?;
+        let connector = self.connector();
+        let dst = self.dest();
+        let guard = |ip| self.snap.policy.check_address(&self.decision, ip);
+        let mut path = Path::default();
+        let opened = connector.tunnel(&self.route, &dst, &guard, &mut path).await;
+        self.ctx.set_path(&path);
+        let far = opened?;
+        Ok(self.spawn_relay(req, permit, far))
+    }
 
-/// CONNECT through one of `parents`: dial it, send our own CONNECT with the hostname and
-/// the parent's credentials, and splice once it answers 2xx. A parent that cannot be
-/// reached (or closes before answering) is marked down and the next one tried: the client
-/// has sent nothing yet. A refusal (407, 403, 5xx, ...) is final: 502 upstream-refused.
-pub async fn open_via_parent(
-    proxy: &Arc<Proxy>,
-    snap: &Arc<Snapshot>,
-    ctx: &mut RequestCtx,
-    target: &Target,
-    parents: &ParentSet,
-    req: Request<Incoming>,
-    permit: TunnelPermit,
-) -> Result<Response<ClientBody>, ProxyError> {
-    let timeouts = &snap.config.timeouts;
-    let mut attempts = parents.attempts()?;
-    let far = loop {
-        let Some(parent) = attempts.next_parent() else {
-            return Err(attempts.exhausted());
-        };
-        ctx.route = parent.label().clone();
-        let dialled = parent
-            .dial(&snap.resolver, timeouts.connect, &proxy.metrics)
-            .await;
-        let (stream, addr) = match dialled {
-            Ok(dialled) => dialled,
-            Err(failure) => {
-                proxy.metrics.upstream_request(parent.label(), false);
-                attempts.failed(parent, failure);
-                continue;
-            }
-        };
-        ctx.resolved = Some(addr);
-        let answer = connect_handshake(
-            stream,
-            &target.authority,
-            parent.auth(),
-            timeouts.upstream_response_header,
-        )
-        .await;
-        let refused = |e| {
-            proxy.metrics.upstream_request(parent.label(), false);
-            e
-        };
-        match answer {
-            Ok((ParentStream::Plain(tcp), early)) => break Far::Tcp(tcp, early),
-            Ok((stream, early)) => break Far::Stream(stream, early),
-            Err(HandshakeError::Failure(failure)) => {
-                proxy.metrics.upstream_request(parent.label(), false);
-                attempts.failed(parent, failure);
-            }
-            Err(HandshakeError::Refused(status)) => {
-                return Err(refused(ProxyError::UpstreamRefused {
-                    parent: parent.label().to_string(),
-                    status,
-                }));
-            }
-            Err(HandshakeError::Timeout) => {
-                return Err(refused(ProxyError::UpstreamTimeout {
-                    parent: parent.label().to_string(),
-                    timeout: timeouts.upstream_response_header,
-                }));
-            }
-            Err(HandshakeError::Bad(reason)) => {
-                return Err(refused(ProxyError::BadResponse { addr, reason }));
-            }
-        }
-    };
-    proxy.metrics.upstream_request(&ctx.route, true);
-    Ok(spawn_tunnel(proxy, snap, ctx, req, permit, far))
-}
-
-/// Answer 200 and relay in a task of its own, which logs the tunnel when it closes.
-fn spawn_tunnel(
-    proxy: &Arc<Proxy>,
-    snap: &Arc<Snapshot>,
-    ctx: &mut RequestCtx,
-    req: Request<Incoming>,
-    permit: TunnelPermit,
-    far: Far,
-) -> Response<ClientBody> {
-    ctx.status = 200;
-
-    // The tunnel writes its own log line when it closes.
-    let mut tunnel_ctx = RequestCtx::detached_from(ctx);
-    let idle = snap.config.timeouts.tunnel_idle;
-    let proxy = proxy.clone();
-    let tracker = proxy.tracker.clone();
-    let guard = tracker.tunnel_started();
-    tokio::spawn(async move {
-        let _guard = guard;
-        let _permit = permit;
-        let metrics_guard = proxy.metrics.tunnel_opened();
-        let started = Instant::now();
-        let (up, down, end) = match hyper::upgrade::on(req).await {
-            Ok(upgraded) => match take_client_stream(upgraded) {
-                Ok((client, buffered)) => match far {
-                    Far::Tcp(origin, early) => {
-                        relay(client, origin, buffered, early, idle, &proxy.tracker).await
-                    }
-                    Far::Stream(origin, early) => {
-                        relay_io(client, origin, buffered, early, idle, &proxy.tracker).await
+    /// Answer 200 and relay in a task of its own, which logs the tunnel when it closes.
+    fn spawn_relay(
+        self,
+        req: Request<Incoming>,
+        permit: TunnelPermit,
+        far: TunnelStream,
+    ) -> Response<ClientBody> {
+        self.ctx.record.status = 200;
+        let mut tunnel_ctx = self.ctx.detach_tunnel();
+        let idle = self.snap.config.timeouts.tunnel_idle;
+        let proxy = Arc::clone(self.proxy);
+        let guard = proxy.tracker.tunnel_started();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let _permit = permit;
+            let metrics_guard = proxy.metrics.tunnel_opened();
+            let started = Instant::now();
+            let (up, down, end) = match hyper::upgrade::on(req).await {
+                Ok(upgraded) => match take_client_stream(upgraded) {
+                    Ok((client, buffered)) => match far {
+                        TunnelStream::Tcp(origin, early) => {
+                            relay(client, origin, buffered, early, idle, &proxy.tracker).await
+                        }
+                        TunnelStream::Parent(origin, early) => {
+                            relay_io(client, origin, buffered, early, idle, &proxy.tracker).await
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "CONNECT upgrade returned an unexpected stream type");
+                        (0, 0, TunnelEnd::Error)
                     }
                 },
                 Err(e) => {
-                    tracing::warn!(error = %e, "CONNECT upgrade returned an unexpected stream type");
+                    tracing::debug!(error = %e, "client went away before the tunnel started");
                     (0, 0, TunnelEnd::Error)
                 }
-            },
-            Err(e) => {
-                tracing::debug!(error = %e, "client went away before the tunnel started");
-                (0, 0, TunnelEnd::Error)
+            };
+            drop(metrics_guard);
+            proxy.metrics.tunnel_finished(started.elapsed(), up, down);
+            if let Some(kind) = end.as_error() {
+                tunnel_ctx.note_error(kind);
             }
-        };
-        drop(metrics_guard);
-        proxy.metrics.tunnel_finished(started.elapsed(), up, down);
-        if let Some(kind) = end.as_error() {
-            tunnel_ctx.note_error(kind);
-        }
-        tunnel_ctx.bytes_from_client.store(up, Ordering::Relaxed);
-        tunnel_ctx.finish_async(&proxy.log, down).await;
-    });
-    Response::new(ClientBody::empty())
+            tunnel_ctx.bytes_from_client.store(up, Ordering::Relaxed);
+            tunnel_ctx.finish_async(&proxy.log, down).await;
+        });
+        Response::new(ClientBody::empty())
+    }
 }
 
 /// The client's socket and whatever hyper had already read past the CONNECT head

@@ -364,34 +364,18 @@ impl Parent {
             .resolve(&self.url.host)
             .await
             .map_err(|e| ParentFailure::Dns(e.to_string()))?;
-        let mut last = None;
-        let mut connected = None;
-        for ip in ips {
-            let addr = SocketAddr::new(ip, self.url.port);
-            let started = Instant::now();
-            match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => {
-                    metrics.dial(started.elapsed(), true);
-                    let _ = stream.set_nodelay(true);
-                    connected = Some((stream, addr));
-                    break;
-                }
-                Ok(Err(e)) => {
-                    metrics.dial(started.elapsed(), false);
-                    last = Some(ParentFailure::Connect {
+        let addrs = ips.into_iter().map(|ip| SocketAddr::new(ip, self.url.port));
+        let (stream, addr) =
+            super::dial_first(addrs, timeout, metrics)
+                .await
+                .map_err(|e| match e {
+                    super::DialError::Failed { addr, reason } => ParentFailure::Connect {
                         addr: addr.to_string(),
-                        reason: e.to_string(),
-                    });
-                }
-                Err(_) => {
-                    metrics.dial(started.elapsed(), false);
-                    return Err(ParentFailure::Timeout(timeout));
-                }
-            }
-        }
-        let Some((stream, addr)) = connected else {
-            return Err(last.unwrap_or(ParentFailure::Dns("no addresses".into())));
-        };
+                        reason,
+                    },
+                    super::DialError::Timeout { .. } => ParentFailure::Timeout(timeout),
+                    super::DialError::NoAddress => ParentFailure::Dns("no addresses".into()),
+                })?;
         let Some(tls) = &self.tls else {
             return Ok((ParentStream::Plain(stream), addr));
         };
@@ -426,7 +410,7 @@ impl<'a> Attempts<'a> {
 
     /// Every candidate failed: 504 upstream-timeout if the last one timed out, else
     /// 502 upstream-unavailable naming each parent and why.
-    pub fn exhausted(self) -> ProxyError {
+    pub fn exhausted(&self) -> ProxyError {
         match self.failures.last() {
             Some((parent, ParentFailure::Timeout(timeout))) => ProxyError::UpstreamTimeout {
                 parent: parent.to_string(),

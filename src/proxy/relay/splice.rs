@@ -33,7 +33,8 @@ use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_getpipe_size, fcntl_setpipe_siz
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::{Burst, write_all};
+use super::Burst;
+use crate::net::write_all;
 
 /// Capacity asked for each pipe; the kernel's default (64 KiB) if it refuses.
 const PIPE_SIZE: usize = 256 * 1024;
