@@ -19,11 +19,7 @@ pub(super) fn write_combined(rec: &AccessRecord, out: &mut Vec<u8>) {
     out.push(b'/');
     push_padded(out, c.year, 4);
     out.push(b':');
-    push_padded(out, u64::from(c.hour), 2);
-    out.push(b':');
-    push_padded(out, u64::from(c.minute), 2);
-    out.push(b':');
-    push_padded(out, u64::from(c.second), 2);
+    push_time_of_day(out, &c);
     out.extend_from_slice(b" +0000] \"");
     token(out, rec.method.as_str().as_bytes());
     out.push(b' ');

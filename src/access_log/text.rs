@@ -59,6 +59,15 @@ pub(super) fn unix_parts(time: SystemTime) -> (u64, u32) {
     }
 }
 
+/// `22:13:20`.
+pub(super) fn push_time_of_day(out: &mut Vec<u8>, c: &Civil) {
+    push_padded(out, u64::from(c.hour), 2);
+    out.push(b':');
+    push_padded(out, u64::from(c.minute), 2);
+    out.push(b':');
+    push_padded(out, u64::from(c.second), 2);
+}
+
 /// `2023-11-14T22:13:20.123Z`.
 pub(super) fn put_rfc3339_millis(out: &mut Vec<u8>, secs: u64, millis: u32) {
     let c = Civil::from_unix(secs);
@@ -68,11 +77,7 @@ pub(super) fn put_rfc3339_millis(out: &mut Vec<u8>, secs: u64, millis: u32) {
     out.push(b'-');
     push_padded(out, u64::from(c.day), 2);
     out.push(b'T');
-    push_padded(out, u64::from(c.hour), 2);
-    out.push(b':');
-    push_padded(out, u64::from(c.minute), 2);
-    out.push(b':');
-    push_padded(out, u64::from(c.second), 2);
+    push_time_of_day(out, &c);
     out.push(b'.');
     push_padded(out, u64::from(millis), 3);
     out.push(b'Z');

@@ -27,7 +27,7 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::Metrics;
 use pool::{Pool, PoolKey, PooledSender};
 use resolver::{ResolveError, Resolver};
-use upstream::{Attempts, HandshakeError, Parent, ParentFailure, ParentStream, Route};
+use upstream::{Attempts, HandshakeError, Parent, ParentFailure, ParentSet, ParentStream, Route};
 
 /// Everything the connect step needs, borrowed from the process and the snapshot.
 pub struct Connector<'a> {
@@ -130,15 +130,7 @@ impl Connector<'_> {
                 })
             }
             Route::Parents(parents) => {
-                vet_for_parent(
-                    self.resolver,
-                    self.metrics,
-                    dst.host,
-                    self.check_resolved,
-                    guard,
-                )
-                .await?;
-                let mut attempts = parents.attempts()?;
+                let mut attempts = self.parent_attempts(parents, dst, guard).await?;
                 let (sender, parent) = self.next_parent_sender(&mut attempts, path).await?;
                 Ok(HttpConn {
                     sender,
@@ -195,15 +187,7 @@ impl Connector<'_> {
             }
             Route::Parents(parents) => parents,
         };
-        vet_for_parent(
-            self.resolver,
-            self.metrics,
-            dst.host,
-            self.check_resolved,
-            guard,
-        )
-        .await?;
-        let mut attempts = parents.attempts()?;
+        let mut attempts = self.parent_attempts(parents, dst, guard).await?;
         let want = Want::Tunnel {
             authority: dst.authority,
         };
@@ -215,6 +199,24 @@ impl Connector<'_> {
         };
         self.metrics.upstream_request(parent.label(), true);
         Ok(stream)
+    }
+
+    /// The parents to try for `dst`, once the destination's local addresses passed the guard.
+    async fn parent_attempts<'p>(
+        &self,
+        parents: &'p ParentSet,
+        dst: &Dest<'_>,
+        guard: Guard<'_>,
+    ) -> Result<Attempts<'p>, ProxyError> {
+        vet_for_parent(
+            self.resolver,
+            self.metrics,
+            dst.host,
+            self.check_resolved,
+            guard,
+        )
+        .await?;
+        parents.attempts()
     }
 
     async fn next_parent_sender<'p>(
