@@ -62,6 +62,9 @@ pub enum ProxyError {
     MethodNotAllowed(http::Method),
     #[error("not supported: {0}")]
     Unsupported(String),
+    /// A request body in a transfer coding Kalmar cannot frame (RFC 9112 6.1).
+    #[error("not supported: transfer coding {0:?}")]
+    UnknownCoding(String),
     #[error("request head of {size}+ bytes exceeds server.max_request_header_size ({limit} bytes)")]
     HeadersTooLarge { size: usize, limit: usize },
     #[error("more than {0} header fields")]
@@ -167,7 +170,7 @@ impl ProxyError {
             ProxyError::Malformed(_) => ErrorKind::MalformedRequest,
             ProxyError::NotProxyRequest(_) => ErrorKind::NotProxyRequest,
             ProxyError::MethodNotAllowed(_) => ErrorKind::MethodNotAllowed,
-            ProxyError::Unsupported(_) => ErrorKind::Unsupported,
+            ProxyError::Unsupported(_) | ProxyError::UnknownCoding(_) => ErrorKind::Unsupported,
             ProxyError::HeadersTooLarge { .. } | ProxyError::TooManyHeaders(_) => {
                 ErrorKind::HeadersTooLarge
             }
@@ -193,7 +196,9 @@ impl ProxyError {
         match self {
             ProxyError::Malformed(_) | ProxyError::NotProxyRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::Unsupported(_) | ProxyError::UnknownCoding(_) => {
+                StatusCode::NOT_IMPLEMENTED
+            }
             ProxyError::HeadersTooLarge { .. } | ProxyError::TooManyHeaders(_) => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
@@ -239,7 +244,23 @@ impl ProxyError {
         if let ProxyError::RateLimited { retry_after, .. } = self {
             headers.insert(header::RETRY_AFTER, retry_after_secs(*retry_after).into());
         }
+        if self.ends_connection() {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
+    }
+
+    /// After a request whose framing could not be trusted, the connection is closed: where
+    /// its body ends, and so where a next request would begin, is unknown.
+    pub fn ends_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Malformed(_)
+                | ProxyError::UnknownCoding(_)
+                | ProxyError::HeadersTooLarge { .. }
+                | ProxyError::TooManyHeaders(_)
+                | ProxyError::HeaderTimeout(_)
+        )
     }
 
     /// The bytes of [`ProxyError::to_response`] as a complete HTTP/1.1 response that closes
@@ -255,6 +276,9 @@ impl ProxyError {
         )
         .into_bytes();
         for (name, value) in response.headers() {
+            if name == header::CONNECTION {
+                continue;
+            }
             out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());

@@ -1,34 +1,160 @@
 //! Socket plumbing below both the server and the proxy: the client stream with the bytes
-//! already read while checking its first request head, and a readiness-driven write loop.
+//! already read while checking its first request head (and Kalmar's own answer in place of
+//! hyper's to a later unparsable request), and a readiness-driven write loop.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::error::ProxyError;
+
 /// The client side of a connection: the socket plus the bytes already read while
 /// checking the first request head, which hyper reads first.
+///
+/// hyper answers a later request on a kept-alive connection that it cannot parse with a
+/// bare `400`/`431` of its own, before Kalmar sees the request. The client stream
+/// recognises that answer (a response head while no response of Kalmar's is in progress)
+/// and sends Kalmar's own answer in its place, with `X-Kalmar-Error`; the connection
+/// closes afterwards, as hyper intended.
 pub struct ClientIo {
     prefix: Option<Bytes>,
     stream: TcpStream,
+    state: Arc<ConnState>,
+    /// Kalmar's answer still to be written in place of hyper's.
+    replacement: Option<Bytes>,
+    /// hyper's own answer is being swallowed (the connection ends after it).
+    replaced: bool,
+}
+
+/// What the server, the request path and the client stream share about one connection.
+#[derive(Debug)]
+pub struct ConnState {
+    /// Responses of Kalmar's in progress: from the request's context being made to the end
+    /// of its body.
+    active: AtomicUsize,
+    /// The answer that replaced hyper's, for the connection's log line.
+    rejected: Mutex<Option<ProxyError>>,
+    /// `server.max_request_header_size`, to word a 431.
+    header_limit: usize,
+}
+
+/// Holds one response of Kalmar's as in progress on its connection.
+#[derive(Debug)]
+pub struct ActiveResponse {
+    state: Arc<ConnState>,
+}
+
+// === impl ConnState ===
+
+impl ConnState {
+    pub fn new(header_limit: usize) -> Arc<ConnState> {
+        Arc::new(ConnState {
+            active: AtomicUsize::new(0),
+            rejected: Mutex::new(None),
+            header_limit,
+        })
+    }
+
+    /// A response of Kalmar's has begun; it ends when the guard is dropped.
+    pub fn response_started(self: &Arc<Self>) -> ActiveResponse {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveResponse {
+            state: self.clone(),
+        }
+    }
+
+    /// The error whose answer replaced hyper's, if that happened.
+    pub fn take_rejected(&self) -> Option<ProxyError> {
+        self.rejected.lock().take()
+    }
+}
+
+impl Drop for ActiveResponse {
+    fn drop(&mut self) {
+        self.state.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 // === impl ClientIo ===
 
 impl ClientIo {
-    pub fn new(prefix: Bytes, stream: TcpStream) -> ClientIo {
+    pub fn new(prefix: Bytes, stream: TcpStream, state: Arc<ConnState>) -> ClientIo {
         ClientIo {
             prefix: Some(prefix),
             stream,
+            state,
+            replacement: None,
+            replaced: false,
         }
     }
 
     pub fn into_parts(self) -> (Option<Bytes>, TcpStream) {
         (self.prefix.filter(|p| !p.is_empty()), self.stream)
     }
+
+    /// If `buf` is hyper's own answer to an unparsable request, take Kalmar's instead.
+    fn intercept(&mut self, buf: &[u8]) {
+        if self.replaced || self.state.active.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let Some(status) = hyper_parse_error_answer(buf) else {
+            return;
+        };
+        let err = match status {
+            431 => ProxyError::HeadersTooLarge {
+                size: self.state.header_limit,
+                limit: self.state.header_limit,
+            },
+            414 => ProxyError::Malformed("request target too long".into()),
+            _ => ProxyError::Malformed("cannot parse the request head".into()),
+        };
+        self.replacement = Some(Bytes::from(err.to_raw_response()));
+        *self.state.rejected.lock() = Some(err);
+        self.replaced = true;
+    }
+
+    /// Write what is left of the replacement answer.
+    fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(rest) = self.replacement.as_mut() {
+            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, rest))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let _ = rest.split_to(n);
+            if rest.is_empty() {
+                self.replacement = None;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The status of `buf` if it is exactly the automatic answer hyper's server writes on a
+/// parse error: a 4xx head with no body, only `content-length: 0`, `connection: close` and
+/// `date`.
+fn hyper_parse_error_answer(buf: &[u8]) -> Option<u16> {
+    if !buf.starts_with(b"HTTP/1.1 4") || !buf.ends_with(b"\r\n\r\n") {
+        return None;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 4];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n == buf.len() => {}
+        _ => return None,
+    }
+    let only_hypers = response.headers.iter().all(|h| {
+        (h.name.eq_ignore_ascii_case("content-length") && h.value == b"0")
+            || (h.name.eq_ignore_ascii_case("connection") && h.value == b"close")
+            || h.name.eq_ignore_ascii_case("date")
+    });
+    only_hypers.then_some(response.code?)
 }
 
 impl AsyncRead for ClientIo {
@@ -56,7 +182,13 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.intercept(buf);
+        if this.replaced {
+            ready!(this.poll_replacement(cx))?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -64,7 +196,15 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            this.intercept(first);
+        }
+        if this.replaced {
+            ready!(this.poll_replacement(cx))?;
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -72,11 +212,15 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_replacement(cx))?;
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        ready!(this.poll_replacement(cx))?;
+        Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
 

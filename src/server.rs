@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
-use crate::net::ClientIo;
+use crate::net::{ClientIo, ConnState};
 use crate::proxy::Proxy;
 use crate::proxy::ctx::{ConnInfo, RequestCtx};
 use crate::tracker::ConnectionSlot;
@@ -101,12 +101,17 @@ async fn serve_connection(
         }
     };
 
-    let io = TokioIo::new(ClientIo::new(prefix, stream));
-    let conn_info = ConnInfo { peer };
+    let state = ConnState::new(header_limit);
+    let io = TokioIo::new(ClientIo::new(prefix, stream, state.clone()));
+    let conn_info = ConnInfo {
+        peer,
+        state: state.clone(),
+    };
     let service = {
         let proxy = proxy.clone();
         service_fn(move |req| {
             let proxy = proxy.clone();
+            let conn_info = conn_info.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, &conn_info).await) }
         })
     };
@@ -116,6 +121,9 @@ async fn serve_connection(
         // hyper's head timer starts when it begins waiting for the next request, so on a
         // kept-alive connection it bounds idle time plus head time.
         .header_read_timeout(config.timeouts.client_idle)
+        // A client may send its request and then shut its side (`shutdown(SHUT_WR)`): that
+        // EOF after a complete request is not an abort, and the answer still goes out.
+        .half_close(true)
         .max_header_size(header_limit)
         .max_headers(MAX_HEADERS)
         .max_buf_size(header_limit.max(8192) * 2);
@@ -132,6 +140,10 @@ async fn serve_connection(
                 _ = tracker.hard_stop() => {}
             }
         }
+    }
+    if let Some(err) = state.take_rejected() {
+        // A later request hyper could not parse, answered by Kalmar in hyper's place.
+        log_rejected(&proxy, peer, &err, Instant::now(), SystemTime::now());
     }
 }
 
@@ -176,6 +188,9 @@ async fn read_first_head(stream: &TcpStream, limit: usize, timeout: Duration) ->
                 if head_len > limit {
                     return too_large(head_len, limit);
                 }
+                if let Err(err) = ambiguous_length(request.headers) {
+                    return FirstHead::Reject(err);
+                }
                 return FirstHead::Complete(buf.freeze());
             }
             Ok(httparse::Status::Partial) if buf.len() > limit => {
@@ -192,6 +207,21 @@ async fn read_first_head(stream: &TcpStream, limit: usize, timeout: Duration) ->
             }
         }
     }
+}
+
+/// `Transfer-Encoding` together with `Content-Length` (RFC 9112 6.1): the length is
+/// ambiguous, the classic request-smuggling shape. hyper would quietly drop the
+/// `Content-Length` and read the body as chunked, so the first head is refused here. (On a
+/// later request hyper does the same, which keeps the forwarded framing unambiguous: the
+/// request goes upstream chunked, without the `Content-Length`.)
+fn ambiguous_length(headers: &[httparse::Header<'_>]) -> Result<(), ProxyError> {
+    let has = |name: &str| headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
+    if has("transfer-encoding") && has("content-length") {
+        return Err(ProxyError::Malformed(
+            "both Transfer-Encoding and Content-Length: the message length is ambiguous".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn too_large(size: usize, limit: usize) -> FirstHead {

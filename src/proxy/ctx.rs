@@ -14,11 +14,13 @@ use crate::acl::{Decision, Identity, Reason, Verdict};
 use crate::connect::Path;
 use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::Metrics;
+use crate::net::{ActiveResponse, ConnState};
 
 /// The client connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    pub state: Arc<ConnState>,
 }
 
 pub struct RequestCtx {
@@ -29,6 +31,9 @@ pub struct RequestCtx {
     pub bytes_from_client: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
     slot: Option<LogSlot>,
+    /// Marks this request's response as in progress on its connection until the context
+    /// is done (see `net::ClientIo`).
+    _active: Option<ActiveResponse>,
 }
 
 // === impl RequestCtx ===
@@ -53,6 +58,7 @@ impl RequestCtx {
             bytes_from_client: Arc::new(AtomicU64::new(0)),
             metrics,
             slot: Some(slot),
+            _active: Some(conn.state.response_started()),
         }
     }
 
@@ -72,6 +78,7 @@ impl RequestCtx {
             bytes_from_client: Arc::new(AtomicU64::new(0)),
             metrics,
             slot: None,
+            _active: None,
         }
     }
 
@@ -171,6 +178,7 @@ impl RequestCtx {
             bytes_from_client: Arc::new(AtomicU64::new(0)),
             metrics: self.metrics.clone(),
             slot: None,
+            _active: None,
         }
     }
 }

@@ -110,6 +110,7 @@ impl Proxy {
         if req.method() == Method::TRACE && !snap.config.proxy.allow_trace {
             return Err(ProxyError::MethodNotAllowed(Method::TRACE));
         }
+        target::check_framing(req.headers())?;
         let target = Target::from_request(req.method(), req.uri())?;
         ctx.record.target = target.log_target();
 

@@ -150,6 +150,66 @@ impl Target {
     }
 }
 
+/// The request's framing and `Host`, checked before anything is forwarded (RFC 9112 3.2,
+/// 6.1): hyper parses the syntax, these are the MUSTs it leaves to the application.
+///
+/// ```text
+/// Host: a.example / Host: b.example          -> 400 (more than one Host)
+/// Host: a b                                  -> 400 (not a valid authority)
+/// Content-Length: 5 + Transfer-Encoding: chunked -> 400 (smuggling: never forwarded)
+/// Transfer-Encoding: br, chunked             -> 501 (a coding Kalmar does not know)
+/// ```
+pub fn check_framing(headers: &http::HeaderMap) -> Result<(), ProxyError> {
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    if let Some(host) = hosts.next() {
+        if hosts.next().is_some() {
+            return Err(ProxyError::Malformed(
+                "more than one Host header field".into(),
+            ));
+        }
+        let valid = std::str::from_utf8(host.as_bytes())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .is_some_and(|h| {
+                !h.contains('@') && h.parse::<Authority>().is_ok_and(|a| a.as_str() == h)
+            });
+        if !valid {
+            return Err(ProxyError::Malformed(format!(
+                "invalid Host header field {:?}",
+                String::from_utf8_lossy(host.as_bytes())
+            )));
+        }
+    }
+    let codings = headers.get_all(http::header::TRANSFER_ENCODING);
+    if codings.iter().next().is_none() {
+        return Ok(());
+    }
+    if headers.contains_key(http::header::CONTENT_LENGTH) {
+        return Err(ProxyError::Malformed(
+            "both Transfer-Encoding and Content-Length: the message length is ambiguous".into(),
+        ));
+    }
+    for value in codings {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            // The registered codings (RFC 9112 7, IANA), parameters aside.
+            let name = coding.split(';').next().unwrap_or("").trim();
+            const KNOWN: [&str; 6] = [
+                "chunked",
+                "compress",
+                "deflate",
+                "gzip",
+                "x-compress",
+                "x-gzip",
+            ];
+            if !KNOWN.iter().any(|k| name.eq_ignore_ascii_case(k)) {
+                return Err(ProxyError::UnknownCoding(name.to_owned()));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The host part of an authority with userinfo and IPv6 brackets removed, normalised.
 fn host_of(authority: &Authority) -> Result<Host, ProxyError> {
     // `Authority::host()` already drops userinfo and the port, and keeps IPv6 brackets.
@@ -194,6 +254,41 @@ fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn framing_musts() {
+        let check = |fields: &[(&str, &str)]| {
+            let mut headers = http::HeaderMap::new();
+            for (name, value) in fields {
+                headers.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            check_framing(&headers).map_err(|e| e.kind().as_str())
+        };
+        assert_eq!(check(&[("host", "a.example:8080")]), Ok(()));
+        assert_eq!(check(&[]), Ok(()));
+        assert_eq!(check(&[("host", "[::1]:80")]), Ok(()));
+        assert_eq!(
+            check(&[("host", "a"), ("host", "a")]),
+            Err("malformed-request")
+        );
+        assert_eq!(check(&[("host", "a b")]), Err("malformed-request"));
+        assert_eq!(check(&[("host", "")]), Err("malformed-request"));
+        assert_eq!(check(&[("host", "a/b")]), Err("malformed-request"));
+        assert_eq!(check(&[("host", "u@a")]), Err("malformed-request"));
+        assert_eq!(check(&[("transfer-encoding", "chunked")]), Ok(()));
+        assert_eq!(check(&[("transfer-encoding", "gzip, chunked")]), Ok(()));
+        assert_eq!(
+            check(&[("transfer-encoding", "chunked"), ("content-length", "5")]),
+            Err("malformed-request")
+        );
+        assert_eq!(
+            check(&[("transfer-encoding", "br, chunked")]),
+            Err("unsupported")
+        );
+    }
 
     fn parse(method: &str, uri: &str) -> Result<Target, ProxyError> {
         Target::from_request(&method.parse().unwrap(), &uri.parse().unwrap())
