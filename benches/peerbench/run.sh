@@ -17,6 +17,12 @@
 #           both processes pinned to the proxy CPU                          (issue 4)
 #  5 cache  http, 3 reps, origin with "expires 1h": Kalmar cache on vs Squid memory
 #           cache (cache_mem 64 MB) vs nginx directly ("direct")           (issue 5)
+#  6 ab     two Kalmar builds or configurations in one interleaved run, + direct + squid:
+#           A = $KALMAR_A (binary, default $BIN) with env $KALMAR_A_ENV, named $A_NAME;
+#           B = $BIN with env $KALMAR_B_ENV, named $B_NAME; workloads $AB_WORKLOADS
+#           (http,connect), $AB_REPS repetitions (5). Not in the default set.
+#           e.g. before/after a change:  KALMAR_A=/path/old-kalmar A_NAME=before B_NAME=after run.sh ab
+#                a config switch:        KALMAR_A_ENV=KALMAR_TLS__SNI=off A_NAME=sni-off B_NAME=sni-on run.sh ab
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -42,8 +48,9 @@ fi
 mkdir -p "$OUT" "$WORKDIR"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-# Kalmar command line for peerbench: config file + access-log path (env override).
-kcmd() { echo "env KALMAR_ACCESS_LOG__PATH=$2 ${3:-} $BIN --config $1"; }
+# Kalmar command line for peerbench: config file + access-log path (env override),
+# extra environment, and the binary (default $BIN).
+kcmd() { echo "env KALMAR_ACCESS_LOG__PATH=$2 ${3:-} ${4:-$BIN} --config $1"; }
 
 for run in "${RUNS[@]}"; do
     case "$run" in
@@ -100,6 +107,17 @@ for run in "${RUNS[@]}"; do
             awk '{print $4}' "$WORKDIR/squid-memcache/access.log" | cut -d/ -f1 | sort | uniq -c
         } | tee "$OUT/cache/hit-check.txt"
         ;;
-    *) echo "unknown run $run (main acl log chain cache)" >&2; exit 2 ;;
+    ab)
+        la="$WORKDIR/kalmar-a-access.log" lb="$WORKDIR/kalmar-b-access.log"; rm -f "$la" "$lb"
+        python3 "$HERE/pbx.py" \
+            --extra "${A_NAME:-kalmar-a}" "$ADDR" "$la" \
+            "$(kcmd "$KCONF" "$la" "${KALMAR_A_ENV:-}" "${KALMAR_A:-$BIN}")" -- \
+            --proxies direct,squid --proxy-name "${B_NAME:-kalmar-b}" \
+            --proxy-cmd "$(kcmd "$KCONF" "$lb" "${KALMAR_B_ENV:-}")" \
+            --proxy-addr "$ADDR" --proxy-access-log "$lb" \
+            --workloads "${AB_WORKLOADS:-http,connect}" --reps "${AB_REPS:-5}" \
+            --workdir "$WORKDIR" --out "$OUT/ab"
+        ;;
+    *) echo "unknown run $run (main acl log chain cache ab)" >&2; exit 2 ;;
     esac
 done
