@@ -66,10 +66,7 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| kalmar::config::ConfigError::Invalid {
-                key: "runtime".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| kalmar::config::ConfigError::invalid("runtime", e))?;
         rt.block_on(async { kalmar::state::Snapshot::build(c.clone()) })?;
         Ok(c)
     });

@@ -111,7 +111,7 @@ fn environment_overrides_win_over_file_and_default() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("listen = \"127.0.0.1:4128\""), "{text}");
     assert!(text.contains("connect = \"3s\""), "{text}");
-    assert!(text.contains("\"127.0.0.2\""), "{text}");
+    assert!(text.contains("\"127.0.0.2:53\""), "{text}");
 
     let out = Command::new(kalmar_bin())
         .arg("check-config")

@@ -713,7 +713,7 @@ fn malformed_parent_urls_name_the_key() {
     ];
     for (toml, want) in table {
         let err = Config::from_toml(&format!("[upstream]\n{toml}"))
-            .and_then(|c| kalmar::connect::upstream::Upstream::compile(&c.upstream).map(|_| c))
+            .and_then(|c| Ok(kalmar::connect::upstream::Upstream::compile(&c.upstream)?))
             .map(|_| ())
             .expect_err(toml)
             .to_string();
