@@ -5,11 +5,15 @@
 //! Every struct denies unknown fields, so a typo is an error naming the key.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
+
+mod error;
+
+pub use self::error::ConfigError;
 
 /// The default configuration, byte for byte the repository's `config/kalmar.toml`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/kalmar.toml");
@@ -110,29 +114,10 @@ pub struct ProxyConfig {
     pub request_id_header: String,
 }
 
-/// A configuration that could not be loaded; the message names the key and the value.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{0}")]
-    Load(#[from] config::ConfigError),
-    #[error("{key}: {message}")]
-    Invalid { key: String, message: String },
-    #[error("config file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-// === impl ConfigError ===
-
-impl ConfigError {
-    /// `key` has a value that cannot be used: the one constructor for that error.
-    pub fn invalid(key: impl Into<String>, message: impl std::fmt::Display) -> ConfigError {
-        ConfigError::Invalid {
-            key: key.into(),
-            message: message.to_string(),
-        }
+impl From<crate::acl::AclConfigError> for ConfigError {
+    fn from(e: crate::acl::AclConfigError) -> ConfigError {
+        // Its own Display already starts with the key.
+        ConfigError::invalid(e.key, e.problem)
     }
 }
 
@@ -149,7 +134,6 @@ macro_rules! keyed_errors {
 }
 
 keyed_errors!(
-    crate::acl::AclConfigError,
     crate::cache::CacheConfigError,
     crate::connect::resolver::DnsConfigError,
     crate::connect::upstream::UpstreamConfigError,
@@ -175,34 +159,34 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         // Read the file ourselves so that a missing file is an error naming the path,
         // never a silent fall-back to the defaults.
-        let text = match path {
-            Some(path) => {
-                Some(
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-                        path: path.to_owned(),
-                        source,
-                    })?,
-                )
-            }
+        let file = match path {
+            Some(path) => Some((
+                path.display().to_string(),
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?,
+            )),
             None => None,
         };
-        Self::from_toml_with_env(text.as_deref(), env)
+        Self::from_toml_with_env(file.as_ref().map(|(o, t)| (o.as_str(), t.as_str())), env)
     }
 
     /// The embedded default overlaid with `text` (TOML), without the environment.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        Self::from_toml_with_env(Some(text), std::iter::empty())
+        Self::from_toml_with_env(Some(("the given TOML", text)), std::iter::empty())
     }
 
+    /// `file` is (where it came from, its text).
     fn from_toml_with_env(
-        text: Option<&str>,
+        file: Option<(&str, &str)>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut builder = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_CONFIG,
             config::FileFormat::Toml,
         ));
-        if let Some(text) = text {
+        if let Some((_, text)) = file {
             builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
         let vars: config::Map<String, String> = env
@@ -224,8 +208,13 @@ impl Config {
         for key in ENV_LIST_KEYS {
             environment = environment.with_list_parse_key(key);
         }
-        let merged = builder.add_source(environment).build()?;
-        let config: Config = merged.try_deserialize()?;
+        // Only the file can hold a syntax error: the embedded default is tested.
+        let merged = builder.add_source(environment).build().map_err(|e| {
+            let (origin, text) = file.unwrap_or(("the embedded default", DEFAULT_CONFIG));
+            ConfigError::from_build(e, origin, text)
+        })?;
+        let config: Config = serde_path_to_error::deserialize(merged.clone())
+            .map_err(|e| ConfigError::from_deserialize::<Config>(e, &merged))?;
         config.validate()?;
         Ok(config)
     }
