@@ -348,3 +348,129 @@ async fn a_silent_client_does_not_hold_up_shutdown() {
         started.elapsed()
     );
 }
+
+/// Run the serving binary with stderr on a pipe (as in a pod) and `env`, make it log
+/// (start, one request, SIGTERM), and return what it wrote to stderr.
+async fn serving_stderr(env: &[(&str, &str)]) -> String {
+    let origin = support::origin::Origin::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kalmar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nworkers = 1\n\
+             [dns]\nnameservers = [\"127.0.0.1:1\"]\nuse_hosts_file = false\n\
+             [destinations]\nallowed_cidrs = [\"127.0.0.0/8\"]\n\
+             [access_log]\npath = {:?}\n",
+            dir.path().join("access.log").display().to_string()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(kalmar_bin())
+        .arg("--config")
+        .arg(&config)
+        .envs(env.iter().copied())
+        .env_remove("KALMAR_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "kalmar did not start listening");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = support::client_via(&format!("http://127.0.0.1:{port}"))
+        .get(origin.url("/hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    String::from_utf8(out.stderr).expect("diagnostics are UTF-8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnostics_on_a_pipe_carry_no_colour_codes() {
+    for env in [&[][..], &[("KALMAR_LOG_FORMAT", "text")][..]] {
+        let stderr = serving_stderr(env).await;
+        assert!(stderr.contains("kalmar is serving"), "{stderr}");
+        assert!(stderr.contains("shutting down"), "{stderr}");
+        assert!(
+            !stderr.contains('\u{1b}'),
+            "escape codes on a pipe: {stderr:?}"
+        );
+    }
+    // The same for a diagnostic written before anything is served.
+    let out = Command::new(kalmar_bin())
+        .arg("--config")
+        .arg(
+            fixtures("invalid")
+                .iter()
+                .find(|f| f.ends_with("bad_action.toml"))
+                .unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ERROR") && stderr.contains("rules[0].action"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_diagnostics_one_object_per_line() {
+    let stderr = serving_stderr(&[("KALMAR_LOG_FORMAT", "json")]).await;
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let serving = lines
+        .iter()
+        .find(|l| l["message"] == "kalmar is serving")
+        .unwrap_or_else(|| panic!("no start line: {stderr}"));
+    assert_eq!(serving["level"], "INFO");
+    assert_eq!(serving["workers"], 1);
+    assert!(
+        serving["listen"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert!(serving["timestamp"].is_string());
+    assert!(
+        lines.iter().any(|l| l["message"] == "shutting down"),
+        "{stderr}"
+    );
+
+    let out = Command::new(kalmar_bin())
+        .arg("check-config")
+        .env("KALMAR_LOG_FORMAT", "yaml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("KALMAR_LOG_FORMAT: unknown value \"yaml\", expected one of: text, json")
+    );
+}
