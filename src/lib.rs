@@ -440,6 +440,16 @@ pub async fn explain(
     method: &str,
 ) -> Result<String, String> {
     let snapshot = Snapshot::build(config).map_err(|e| e.to_string())?;
+    // A client given https://host/ through a proxy sends `CONNECT host:443`; the path
+    // travels inside the tunnel, where the proxy never sees it.
+    let connect;
+    let target = match https_authority(target)? {
+        Some(authority) => {
+            connect = authority;
+            connect.as_str()
+        }
+        None => target,
+    };
     let (method, uri): (http::Method, http::Uri) = if target.contains("://") {
         (
             method
@@ -466,4 +476,21 @@ pub async fn explain(
         protocol: target.protocol,
     };
     Ok(snapshot.policy.explain(from, &destination, &resolved))
+}
+
+/// `https://host[:port][/path]` → `host:port` (443 by default), the CONNECT a client
+/// sends for it; None for anything else.
+fn https_authority(target: &str) -> Result<Option<String>, String> {
+    let is_https = target
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+    if !is_https {
+        return Ok(None);
+    }
+    let uri: http::Uri = target.parse().map_err(|e| format!("{target:?}: {e}"))?;
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("{target:?}: no host"))?;
+    Ok(Some(format!("{host}:{}", uri.port_u16().unwrap_or(443))))
 }
