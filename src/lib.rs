@@ -221,7 +221,7 @@ async fn run_control(proxy: Arc<Proxy>, admin_listener: std::net::TcpListener) {
         },
     };
     let tracker = proxy.tracker.clone();
-    let routes = cache_routes(proxy.cache.clone());
+    let routes = admin::cache::routes(proxy.cache.clone());
     let admin_task = tokio::spawn(admin::serve_with_routes(
         admin,
         state,
@@ -243,85 +243,6 @@ async fn run_control(proxy: Arc<Proxy>, admin_listener: std::net::TcpListener) {
         _ = proxy.tracker.hard_stop() => {}
     }
     let _ = admin_task.await;
-}
-
-/// The cache's admin routes: `POST /cache/purge?url=<URL>` and `POST /cache/clear`.
-fn cache_routes(cache: Option<Arc<cache::Cache>>) -> admin::ExtraRoutes {
-    use http::{Method, StatusCode};
-    Arc::new(move |req: &http::request::Parts| {
-        let path = req.uri.path();
-        if path != "/cache/purge" && path != "/cache/clear" {
-            return None;
-        }
-        let answer = if req.method != Method::POST {
-            let mut resp = admin::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-            resp.headers_mut()
-                .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
-            resp
-        } else if let Some(cache) = &cache {
-            if path == "/cache/clear" {
-                cache.clear();
-                admin::text(StatusCode::OK, "cleared\n")
-            } else {
-                purge(cache, req.uri.query().unwrap_or_default())
-            }
-        } else {
-            admin::text(StatusCode::NOT_FOUND, "the cache is disabled\n")
-        };
-        Some(Box::pin(async move { answer }) as admin::BoxFuture<admin::AdminResponse>)
-    })
-}
-
-/// `url=<percent-encoded absolute http URL>`: the URL is canonicalised as the proxy does.
-fn purge(cache: &cache::Cache, query: &str) -> admin::AdminResponse {
-    use http::StatusCode;
-    let Some(raw) = query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("url="))
-        .map(percent_decode)
-    else {
-        return admin::text(StatusCode::BAD_REQUEST, "missing url=<URL>\n");
-    };
-    let target = raw
-        .parse::<http::Uri>()
-        .ok()
-        .and_then(|uri| proxy::target::Target::from_request(&http::Method::GET, &uri).ok());
-    let Some(target) = target else {
-        return admin::text(
-            StatusCode::BAD_REQUEST,
-            format!("{raw:?} is not an absolute http:// URL\n"),
-        );
-    };
-    let url = target.log_target();
-    match cache.purge(&url) {
-        0 => admin::text(StatusCode::NOT_FOUND, format!("not cached: {url}\n")),
-        n => admin::text(StatusCode::OK, format!("purged {n} from {url}\n")),
-    }
-}
-
-/// `%XX` and `+` decoding of one query value (invalid escapes are kept as they are).
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = |b: u8| (b as char).to_digit(16);
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(hi), Some(lo)) => {
-                        out.push((hi * 16 + lo) as u8);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Apply a new configuration (SIGHUP, POST /reload, a watched file changed).
@@ -440,6 +361,16 @@ pub async fn explain(
     method: &str,
 ) -> Result<String, String> {
     let snapshot = Snapshot::build(config).map_err(|e| e.to_string())?;
+    // A client given https://host/ through a proxy sends `CONNECT host:443`; the path
+    // travels inside the tunnel, where the proxy never sees it.
+    let connect;
+    let target = match https_authority(target)? {
+        Some(authority) => {
+            connect = authority;
+            connect.as_str()
+        }
+        None => target,
+    };
     let (method, uri): (http::Method, http::Uri) = if target.contains("://") {
         (
             method
@@ -466,4 +397,21 @@ pub async fn explain(
         protocol: target.protocol,
     };
     Ok(snapshot.policy.explain(from, &destination, &resolved))
+}
+
+/// `https://host[:port][/path]` → `host:port` (443 by default), the CONNECT a client
+/// sends for it; None for anything else.
+fn https_authority(target: &str) -> Result<Option<String>, String> {
+    let is_https = target
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+    if !is_https {
+        return Ok(None);
+    }
+    let uri: http::Uri = target.parse().map_err(|e| format!("{target:?}: {e}"))?;
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("{target:?}: no host"))?;
+    Ok(Some(format!("{host}:{}", uri.port_u16().unwrap_or(443))))
 }

@@ -1,5 +1,6 @@
 //! The `kalmar` binary: CLI, diagnostics, signals. Everything else lives in the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -42,13 +43,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KALMAR_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    if let Err(e) = init_diagnostics() {
+        eprintln!("{e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(file.or(cli.config)),
@@ -61,15 +59,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// Diagnostics on stderr: `KALMAR_LOG` filters (default `info`); `KALMAR_LOG_FORMAT`
+/// is `text` (the default: colours only when stderr is a terminal, so that a pod's log
+/// shows no escape sequences) or `json` (one object per line, for Loki and the like).
+fn init_diagnostics() -> Result<(), String> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("KALMAR_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match std::env::var("KALMAR_LOG_FORMAT").as_deref() {
+        Err(_) | Ok("" | "text") => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        Ok("json") => builder.json().flatten_event(true).with_ansi(false).init(),
+        Ok(other) => {
+            return Err(format!(
+                "KALMAR_LOG_FORMAT: unknown value {other:?}, expected one of: text, json"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_config(file: Option<PathBuf>) -> ExitCode {
     let loaded = Config::load(file.as_deref()).and_then(|c| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| kalmar::config::ConfigError::Invalid {
-                key: "runtime".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| kalmar::config::ConfigError::invalid("runtime", e))?;
         rt.block_on(async { kalmar::state::Snapshot::build(c.clone()) })?;
         Ok(c)
     });

@@ -47,15 +47,8 @@ impl Snapshot {
             sources: &config.sources,
             rules: &config.rules,
             destinations: &config.destinations,
-        })
-        .map_err(|e| ConfigError::Invalid {
-            key: e.key().to_owned(),
-            message: e.to_string(),
         })?;
-        let limits = Limits::compile(&config.rate_limits).map_err(|e| ConfigError::Invalid {
-            key: e.key().to_owned(),
-            message: e.to_string(),
-        })?;
+        let limits = Limits::compile(&config.rate_limits)?;
         let resolver = Resolver::new(&config.dns)?;
         let upstream = Upstream::compile(&config.upstream)?;
         let via = config
@@ -66,10 +59,10 @@ impl Snapshot {
         let request_id_header = match config.proxy.request_id_header.as_str() {
             "" => None,
             name => Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                ConfigError::Invalid {
-                    key: "proxy.request_id_header".into(),
-                    message: format!("{name:?} is not a valid header name"),
-                }
+                ConfigError::invalid(
+                    "proxy.request_id_header",
+                    format!("{name:?} is not a valid header name"),
+                )
             })?),
         };
         Ok(Snapshot {

@@ -424,4 +424,11 @@ fn explain_prints_labels_rule_and_verdict() {
 
     let text = explain("127.0.0.99", "public.test:443");
     assert!(text.contains("unknown"), "{text}");
+
+    // An https:// URL is the CONNECT a client sends for it, 443 unless it says otherwise.
+    let text = explain("127.0.0.3", "https://public.test/some/path");
+    assert!(text.contains("CONNECT public.test:443"), "{text}");
+    assert_eq!(text, explain("127.0.0.3", "public.test:443"));
+    let text = explain("127.0.0.2", "HTTPS://public.test:8443");
+    assert!(text.contains("CONNECT public.test:8443"), "{text}");
 }

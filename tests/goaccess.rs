@@ -2,7 +2,9 @@
 //! generated lines (normal and hostile) with zero failed lines, as it parses Squid's and Apache's.
 //!
 //! Needs the `goaccess` binary (Debian package `goaccess`, installed by `.ci/run`). Without it
-//! the test is skipped with a message, unless `CI` is set, in which case it fails.
+//! the test is skipped with a message, unless `CI=true`, in which case it fails.
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -145,13 +147,7 @@ fn goaccess(lines: &[u8], args: &[&str]) -> Option<serde_json::Value> {
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "goaccess is not installed, and CI is set: install the Debian package `goaccess`"
-            );
-            eprintln!(
-                "SKIPPED: goaccess is not installed (apt-get install goaccess); set CI=1 to make this fatal"
-            );
+            support::tool_missing("goaccess", "apt-get install goaccess");
             return None;
         }
         Err(e) => panic!("running goaccess: {e}"),
@@ -222,4 +218,41 @@ fn goaccess_parses_combined_lines_with_zero_failures() {
         return;
     };
     assert_all_parsed(&report, &records, "combined");
+}
+
+/// The skip is only for machines without goaccess: under `CI=true` a missing goaccess
+/// fails. Checked by running one test of this binary again with nothing on PATH.
+#[test]
+fn a_missing_goaccess_fails_under_ci_and_skips_elsewhere() {
+    let empty = tempfile::tempdir().unwrap();
+    let run = |ci: Option<&str>| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "goaccess_parses_combined_lines_with_zero_failures",
+            "--exact",
+            "--nocapture",
+        ])
+        .env("PATH", empty.path());
+        match ci {
+            Some(value) => cmd.env("CI", value),
+            None => cmd.env_remove("CI"),
+        };
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(Some("true"));
+    assert!(!ok, "CI=true must fail without goaccess: {text}");
+    assert!(
+        text.contains("goaccess is not installed, and this is CI"),
+        "{text}"
+    );
+    for ci in [None, Some("false"), Some("")] {
+        let (ok, text) = run(ci);
+        assert!(
+            ok && text.contains("SKIPPED: goaccess"),
+            "CI={ci:?}: {text}"
+        );
+    }
 }

@@ -4,16 +4,49 @@
 //! sees them) and `/etc/hosts`; `dns.nameservers` replaces the name servers (tests point it
 //! at a DNS server of their own on loopback).
 
-use std::collections::HashMap;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use serde::{Deserialize, Serialize};
 
 use crate::acl::Host;
-use crate::config::{ConfigError, DnsConfig, parse_nameserver};
+
+/// `[dns]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Replaces the name servers of `/etc/resolv.conf` when not empty.
+    pub nameservers: Vec<Nameserver>,
+    pub use_hosts_file: bool,
+    pub hosts: BTreeMap<String, Vec<IpAddr>>,
+    pub cache_size: u64,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// A name server as configured: `"10.96.0.10"`, `"10.96.0.10:53"`, `"[::1]:5353"`
+/// (port 53 by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Nameserver(pub SocketAddr);
+
+/// An entry of `dns.nameservers` that is not an address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: not an IP address or IP:PORT")]
+pub struct NameserverError(String);
+
+/// The resolver could not be built from `[dns]`; [`DnsConfigError::key`] names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsConfigError {
+    #[error("empty, and /etc/resolv.conf is unusable: {0}")]
+    NoSystemConfig(String),
+    #[error("{0}")]
+    Build(String),
+}
 
 pub struct Resolver {
     inner: TokioResolver,
@@ -34,18 +67,48 @@ pub enum ResolveError {
     Other(String),
 }
 
+// === impl Nameserver ===
+
+impl TryFrom<String> for Nameserver {
+    type Error = NameserverError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(Nameserver(addr));
+        }
+        s.parse::<IpAddr>()
+            .map(|ip| Nameserver(SocketAddr::new(ip, 53)))
+            .map_err(|_| NameserverError(s))
+    }
+}
+
+impl From<Nameserver> for String {
+    fn from(ns: Nameserver) -> String {
+        ns.0.to_string()
+    }
+}
+
+// === impl DnsConfigError ===
+
+impl DnsConfigError {
+    /// The config key at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            DnsConfigError::NoSystemConfig(_) => "dns.nameservers",
+            DnsConfigError::Build(_) => "dns",
+        }
+    }
+}
+
 // === impl Resolver ===
 
 impl Resolver {
-    pub fn new(cfg: &DnsConfig) -> Result<Resolver, ConfigError> {
+    pub fn new(cfg: &DnsConfig) -> Result<Resolver, DnsConfigError> {
         let (system, mut opts) = match hickory_resolver::system_conf::read_system_conf() {
             Ok(pair) => pair,
             Err(e) => {
                 if cfg.nameservers.is_empty() {
-                    return Err(ConfigError::Invalid {
-                        key: "dns.nameservers".into(),
-                        message: format!("empty, and /etc/resolv.conf is unusable: {e}"),
-                    });
+                    return Err(DnsConfigError::NoSystemConfig(e.to_string()));
                 }
                 (ResolverConfig::default(), ResolverOpts::default())
             }
@@ -54,11 +117,7 @@ impl Resolver {
             system
         } else {
             let mut servers = Vec::new();
-            for ns in &cfg.nameservers {
-                let addr = parse_nameserver(ns).map_err(|message| ConfigError::Invalid {
-                    key: "dns.nameservers".into(),
-                    message,
-                })?;
+            for &Nameserver(addr) in &cfg.nameservers {
                 let mut server = NameServerConfig::udp_and_tcp(addr.ip());
                 for conn in &mut server.connections {
                     conn.port = addr.port();
@@ -78,10 +137,7 @@ impl Resolver {
         let inner = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
             .with_options(opts)
             .build()
-            .map_err(|e| ConfigError::Invalid {
-                key: "dns".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| DnsConfigError::Build(e.to_string()))?;
         let static_hosts = cfg
             .hosts
             .iter()

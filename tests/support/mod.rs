@@ -168,6 +168,22 @@ pub fn client_via(proxy: &str) -> reqwest::Client {
         .expect("client")
 }
 
+/// Whether this is a CI run: `CI` is `true` or `1`, as CI services set it (and `.ci/run`
+/// exports it). Then a test whose tool is missing fails instead of skipping.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// `tool` is not installed: under CI this panics (the test fails); elsewhere it says the
+/// test is skipped, and the caller returns.
+pub fn tool_missing(tool: &str, install: &str) {
+    assert!(
+        !in_ci(),
+        "{tool} is not installed, and this is CI (CI=true): {install} (.ci/run installs it)"
+    );
+    eprintln!("SKIPPED: {tool} is not installed ({install}); with CI=true this test fails");
+}
+
 /// Run the `curl` binary with `args`; returns (exit status, stdout, stderr).
 pub fn curl(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new("curl")

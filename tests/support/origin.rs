@@ -209,9 +209,14 @@ impl Drop for TlsOrigin {
 
 impl TlsOrigin {
     pub async fn start() -> TlsOrigin {
+        TlsOrigin::start_for(&["localhost", "127.0.0.1"]).await
+    }
+
+    /// As [`TlsOrigin::start`], with a certificate for `names`.
+    pub async fn start_for(names: &[&str]) -> TlsOrigin {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-            .expect("cert");
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let cert = rcgen::generate_simple_self_signed(names).expect("cert");
         let cert_pem = cert.cert.pem();
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
         let config = rustls::ServerConfig::builder()

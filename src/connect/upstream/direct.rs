@@ -16,14 +16,27 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::acl::{Host, normalize_host};
 
-/// The compiled bypass list.
+/// The compiled bypass list, parsed while the configuration is read (each entry on its
+/// own, so that an error names `upstream.direct[i]`). Serializes as written.
 #[derive(Debug, Clone, Default)]
 pub struct DirectList {
     all: bool,
     entries: Vec<DirectEntry>,
+    /// The non-empty entries as configured (trimmed), for `check-config`.
+    written: Vec<String>,
+}
+
+/// One entry as written: empty (skipped), `*`, or a pattern.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+enum DirectItem {
+    Empty,
+    All,
+    Entry(String, DirectEntry),
 }
 
 #[derive(Debug, Clone)]
@@ -56,32 +69,39 @@ impl DirectList {
     /// Parse every entry; empty entries (an empty environment value) are skipped.
     /// On error, returns the index of the bad entry with the reason.
     pub fn parse(entries: &[String]) -> Result<DirectList, (usize, DirectEntryError)> {
+        let items = entries
+            .iter()
+            .enumerate()
+            .map(|(i, raw)| DirectItem::try_from(raw.clone()).map_err(|e| (i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(DirectList::from_items(items))
+    }
+
+    fn from_items(items: Vec<DirectItem>) -> DirectList {
         let mut list = DirectList::default();
-        for (i, raw) in entries.iter().enumerate() {
-            let entry = raw.trim();
-            if entry.is_empty() {
-                continue;
+        for item in items {
+            match item {
+                DirectItem::Empty => {}
+                DirectItem::All => {
+                    list.all = true;
+                    list.written.push("*".into());
+                }
+                DirectItem::Entry(written, entry) => {
+                    list.entries.push(entry);
+                    list.written.push(written);
+                }
             }
-            if entry == "*" {
-                list.all = true;
-                continue;
-            }
-            let parsed = parse_entry(entry).map_err(|reason| {
-                (
-                    i,
-                    DirectEntryError {
-                        entry: entry.to_owned(),
-                        reason,
-                    },
-                )
-            })?;
-            list.entries.push(parsed);
         }
-        Ok(list)
+        list
     }
 
     pub fn is_empty(&self) -> bool {
         !self.all && self.entries.is_empty()
+    }
+
+    /// The number of non-empty entries configured.
+    pub fn len(&self) -> usize {
+        self.written.len()
     }
 
     /// Whether `host:port` goes direct.
@@ -99,6 +119,38 @@ impl DirectList {
                     _ => false,
                 }
         })
+    }
+}
+
+impl<'de> Deserialize<'de> for DirectList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<DirectItem>::deserialize(d).map(DirectList::from_items)
+    }
+}
+
+impl Serialize for DirectList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.written.serialize(s)
+    }
+}
+
+// === impl DirectItem ===
+
+impl TryFrom<String> for DirectItem {
+    type Error = DirectEntryError;
+
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        let entry = raw.trim();
+        match entry {
+            "" => Ok(DirectItem::Empty),
+            "*" => Ok(DirectItem::All),
+            _ => parse_entry(entry)
+                .map(|parsed| DirectItem::Entry(entry.to_owned(), parsed))
+                .map_err(|reason| DirectEntryError {
+                    entry: entry.to_owned(),
+                    reason,
+                }),
+        }
     }
 }
 

@@ -13,8 +13,11 @@
 //! marked down for `upstream.down_backoff` and the next one is tried; a parent that answers
 //! with a refusal is not retried elsewhere (the answer is the institution's decision).
 
+mod config;
 pub mod direct;
 pub mod parent;
+
+pub use self::config::{Selection, UpstreamConfig, UpstreamConfigError};
 
 use std::io;
 use std::net::SocketAddr;
@@ -33,12 +36,11 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::acl::{Host, Protocol};
-use crate::config::{ConfigError, Selection, UpstreamConfig};
 use crate::connect::resolver::Resolver;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use direct::DirectList;
-use parent::{Credentials, ParentScheme, ParentUrl};
+use parent::ParentUrl;
 
 /// Largest CONNECT response head accepted from a parent.
 const MAX_PARENT_HEAD: usize = 16 * 1024;
@@ -128,73 +130,6 @@ pub enum ParentStream {
 // === impl Upstream ===
 
 impl Upstream {
-    /// Compile the `[upstream]` section (`Config::validate` has checked the syntax).
-    pub fn compile(cfg: &UpstreamConfig) -> Result<Upstream, ConfigError> {
-        let invalid = |key: &str, message: String| ConfigError::Invalid {
-            key: key.to_owned(),
-            message,
-        };
-        let shared = shared_credentials(cfg)?;
-        let parse = |key: &str, urls: &[crate::config::SecretUrl]| {
-            let mut out = Vec::new();
-            for (i, url) in urls.iter().enumerate() {
-                if url.expose().trim().is_empty() {
-                    continue;
-                }
-                let parsed = ParentUrl::parse(url.expose())
-                    .map_err(|e| invalid(&format!("upstream.{key}[{i}]"), e.to_string()))?;
-                out.push(parsed);
-            }
-            Ok::<_, ConfigError>(out)
-        };
-        let all = parse("parents", &cfg.parents)?;
-        let http = parse("http_parents", &cfg.http_parents)?;
-        let https = parse("https_parents", &cfg.https_parents)?;
-        let http = if http.is_empty() { all.clone() } else { http };
-        let https = if https.is_empty() { all } else { https };
-        let tls = if http
-            .iter()
-            .chain(&https)
-            .any(|p| p.scheme == ParentScheme::Https)
-        {
-            Some(tls_connector(cfg)?)
-        } else {
-            None
-        };
-        let set = |urls: Vec<ParentUrl>| ParentSet {
-            parents: urls
-                .into_iter()
-                .map(|url| {
-                    let auth = url
-                        .credentials
-                        .as_ref()
-                        .or(shared.as_ref())
-                        .and_then(Credentials::basic_header);
-                    Arc::new(Parent {
-                        pool_key: Arc::from(format!("{}://{}", url.scheme.as_str(), url.label)),
-                        tls: (url.scheme == ParentScheme::Https)
-                            .then(|| tls.clone())
-                            .flatten(),
-                        auth,
-                        url,
-                        backoff: cfg.down_backoff,
-                        down_until: Mutex::new(None),
-                    })
-                })
-                .collect(),
-            selection: cfg.selection,
-            next: AtomicUsize::new(0),
-        };
-        let direct = DirectList::parse(&cfg.direct)
-            .map_err(|(i, e)| invalid(&format!("upstream.direct[{i}]"), e.to_string()))?;
-        Ok(Upstream {
-            http: set(http),
-            https: set(https),
-            direct,
-            check_resolved: cfg.check_resolved_destinations,
-        })
-    }
-
     /// Direct, or the parents for this kind of request.
     pub fn route(&self, host: &Host, port: u16, protocol: Protocol) -> Route<'_> {
         let set = match protocol {
@@ -218,84 +153,6 @@ impl Upstream {
             .chain(&self.https.parents)
             .map(|p| &*p.url.label)
     }
-}
-
-/// `upstream.credentials_file` / `credentials_env`: one `user:password` for every parent
-/// whose URL carries none.
-fn shared_credentials(cfg: &UpstreamConfig) -> Result<Option<Credentials>, ConfigError> {
-    let invalid = |key: &str, message: String| ConfigError::Invalid {
-        key: key.to_owned(),
-        message,
-    };
-    let file = (!cfg.credentials_file.as_os_str().is_empty()).then_some(&cfg.credentials_file);
-    let env = (!cfg.credentials_env.is_empty()).then_some(&cfg.credentials_env);
-    let (key, text) = match (file, env) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "upstream.credentials_env",
-                "set either upstream.credentials_file or upstream.credentials_env, not both".into(),
-            ));
-        }
-        (Some(path), None) => (
-            "upstream.credentials_file",
-            std::fs::read_to_string(path).map_err(|e| {
-                invalid(
-                    "upstream.credentials_file",
-                    format!("{}: {e}", path.display()),
-                )
-            })?,
-        ),
-        (None, Some(var)) => (
-            "upstream.credentials_env",
-            std::env::var(var).map_err(|_| {
-                invalid(
-                    "upstream.credentials_env",
-                    format!("environment variable {var:?} is not set (or not UTF-8)"),
-                )
-            })?,
-        ),
-        (None, None) => return Ok(None),
-    };
-    Credentials::parse_pair(&text)
-        .map(Some)
-        .map_err(|e| invalid(key, e.to_string()))
-}
-
-/// TLS to parents: the system roots plus `upstream.ca_file`.
-fn tls_connector(cfg: &UpstreamConfig) -> Result<TlsConnector, ConfigError> {
-    let invalid = |message: String| ConfigError::Invalid {
-        key: "upstream.ca_file".into(),
-        message,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    if !cfg.ca_file.as_os_str().is_empty() {
-        let path = &cfg.ca_file;
-        let pem = std::fs::read(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-            roots
-                .add(cert)
-                .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(invalid(format!(
-                "{}: no PEM certificate in it",
-                path.display()
-            )));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 // === impl ParentSet ===

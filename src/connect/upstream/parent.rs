@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use http::HeaderValue;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::acl::{Host, normalize_host};
 
@@ -34,6 +35,17 @@ pub struct ParentUrl {
     pub label: Arc<str>,
     pub credentials: Option<Credentials>,
 }
+
+/// A configured list of parents (`upstream.parents` and the per-scheme lists), parsed
+/// while the configuration is read. An empty entry (an empty environment value) is no
+/// parent. Serializes with the credentials as `***`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParentList(Vec<ParentUrl>);
+
+/// One entry of a [`ParentList`] as written: a URL, or empty.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct ParentEntry(Option<ParentUrl>);
 
 /// A user name and password for Basic `Proxy-Authorization`. Debug shows `***`.
 #[derive(Clone, PartialEq, Eq)]
@@ -76,6 +88,57 @@ impl ParentScheme {
             ParentScheme::Http => "http",
             ParentScheme::Https => "https",
         }
+    }
+}
+
+// === impl ParentList ===
+
+impl ParentList {
+    pub fn new(urls: Vec<ParentUrl>) -> ParentList {
+        ParentList(urls)
+    }
+
+    pub fn urls(&self) -> &[ParentUrl] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// These parents, or `fallback`'s when none are configured here.
+    pub fn or<'a>(&'a self, fallback: &'a ParentList) -> &'a [ParentUrl] {
+        if self.is_empty() {
+            &fallback.0
+        } else {
+            &self.0
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ParentList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let entries = Vec::<ParentEntry>::deserialize(d)?;
+        Ok(ParentList(
+            entries.into_iter().filter_map(|e| e.0).collect(),
+        ))
+    }
+}
+
+impl Serialize for ParentList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(ToString::to_string))
+    }
+}
+
+impl TryFrom<String> for ParentEntry {
+    type Error = ParentUrlError;
+
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        if raw.trim().is_empty() {
+            return Ok(ParentEntry(None));
+        }
+        ParentUrl::parse(&raw).map(|url| ParentEntry(Some(url)))
     }
 }
 

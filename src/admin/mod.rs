@@ -11,6 +11,8 @@
 //!
 //! A known path with the wrong method is 405 with `Allow`.
 
+pub mod cache;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
