@@ -9,7 +9,7 @@ use http::Method;
 use ipnet::IpNet;
 use kalmar::acl::{
     AclConfig, Action, Destination, DestinationsConfig, Host, Policy, PortSpec, Protocol,
-    RuleConfig, SelectorConfig, SourceEntry, ToConfig,
+    RuleConfig, RuleProtocol, SelectorConfig, SourceEntry, ToConfig,
 };
 
 const SOURCES: usize = 100_000;
@@ -127,7 +127,7 @@ fn rules() -> Vec<RuleConfig> {
                 to: ToConfig {
                     domains: vec![format!("db-{i}.svc.cluster.local")],
                     ports: vec![PortSpec::from("5432"), PortSpec::from("8000-8100")],
-                    protocol: Some(Protocol::Connect),
+                    protocol: Some(RuleProtocol::Connect),
                     ..ToConfig::default()
                 },
                 allow_cidrs: vec![format!("10.96.{}.0/24", i % 256).parse().expect("prefix")],

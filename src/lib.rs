@@ -18,6 +18,7 @@ pub mod net;
 pub mod proxy;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod tracker;
 
 use std::net::SocketAddr;

@@ -13,6 +13,7 @@ use crate::config::{Config, ConfigError};
 use crate::connect::resolver::Resolver;
 use crate::connect::upstream::Upstream;
 use crate::limit::Limits;
+use crate::tls::TlsPolicy;
 
 pub struct Snapshot {
     pub config: Arc<Config>,
@@ -25,6 +26,8 @@ pub struct Snapshot {
     pub via: Option<HeaderValue>,
     /// `proxy.request_id_header`, parsed; None when off.
     pub request_id_header: Option<http::HeaderName>,
+    /// `[tls]`, compiled: the ClientHello check of tunnels.
+    pub tls: TlsPolicy,
 }
 
 /// Where the configuration comes from, so that a reload reads the same sources again.
@@ -49,6 +52,7 @@ impl Snapshot {
             destinations: &config.destinations,
         })?;
         let limits = Limits::compile(&config.rate_limits)?;
+        let tls = TlsPolicy::compile(&config.tls, &config.destinations.connect_ports)?;
         let resolver = Resolver::new(&config.dns)?;
         let upstream = Upstream::compile(&config.upstream)?;
         let via = config
@@ -73,6 +77,7 @@ impl Snapshot {
             resolver,
             upstream,
             via,
+            tls,
         })
     }
 

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::Protocol;
 use super::address::DEFAULT_DENIED_CIDRS;
 
 /// One `[[sources]]` item: EITHER an inline entry (`cidr` and/or `cidrs`, `labels`, optional `name`)
@@ -129,8 +128,25 @@ pub struct ToConfig {
     /// Request methods (`GET`, ...; a tunnel's method is `CONNECT`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
+    /// `connect` (tunnels only), `http` (plain HTTP only), or `any` (both, and a tunnel on a
+    /// `tls.ports` port may carry bytes that are not TLS). Absent: both, TLS required there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<Protocol>,
+    pub protocol: Option<RuleProtocol>,
+    /// A tunnel this rule allows may send a ClientHello without a server name (SNI).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_missing_sni: bool,
+}
+
+/// `to.protocol`: which requests a rule matches, and whether its tunnels must speak TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleProtocol {
+    /// CONNECT tunnels only.
+    Connect,
+    /// Plain-HTTP requests only.
+    Http,
+    /// Both, and the tunnel check lets bytes that are not TLS through.
+    Any,
 }
 
 /// A port or an inclusive port range, written as an integer or a string (`"8000-8100"`).
@@ -253,6 +269,8 @@ pub enum Problem {
     BurstWithoutRate(u32),
     #[error("sets neither requests_per_second nor max_tunnels")]
     NoLimit,
+    #[error("has no effect {0}")]
+    NoEffect(&'static str),
 }
 
 /// Squid's default Safe_ports.
@@ -302,6 +320,18 @@ impl Action {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+// === impl RuleProtocol ===
+
+impl RuleProtocol {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RuleProtocol::Connect => "connect",
+            RuleProtocol::Http => "http",
+            RuleProtocol::Any => "any",
+        }
     }
 }
 

@@ -18,6 +18,8 @@ pub struct Decision {
     pub denied_address: Option<AddressDenied>,
     /// The deciding rule's `allow_cidrs`, for [`super::Policy::check_address`].
     pub(crate) allow: Option<Arc<AllowList>>,
+    /// The deciding rule's index in the policy that decided (for the tunnel TLS check).
+    pub(crate) rule_index: Option<u32>,
 }
 
 /// What happens to the request.
@@ -54,6 +56,7 @@ impl Decision {
             reason,
             denied_address: None,
             allow: None,
+            rule_index: None,
         }
     }
 

@@ -66,7 +66,8 @@ use serde::{Deserialize, Serialize};
 pub use address::{AddressDenied, DEFAULT_DENIED_CIDRS, embedded_ipv4, normalize_addr};
 pub use config::{
     AclConfigError, Action, DestinationsConfig, ExpressionConfig, Operator, PortSpec, Problem,
-    RateLimitConfig, RuleConfig, SAFE_PORTS, SelectorConfig, SourceEntry, ToConfig, UnknownSource,
+    RateLimitConfig, RuleConfig, RuleProtocol, SAFE_PORTS, SelectorConfig, SourceEntry, ToConfig,
+    UnknownSource,
 };
 pub use decision::{Decision, Reason, Verdict};
 pub use host::{Host, HostError, normalize_host, parse_ipv4_numeric};
@@ -77,7 +78,8 @@ use address::AddressTable;
 use config::check_net;
 use identity::SourceTable;
 use ipnet::IpNet;
-use rules::{PortSet, RuleSet};
+pub use rules::PortSet;
+use rules::RuleSet;
 
 /// How the client asked: a CONNECT tunnel or a plain-HTTP request with an absolute URI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -94,6 +96,15 @@ pub struct Destination<'a> {
     pub port: u16,
     pub method: &'a http::Method,
     pub protocol: Protocol,
+}
+
+/// What the deciding rule lets a tunnel do at the TLS check (`src/tls`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunnelOptions {
+    /// `to.allow_missing_sni = true`: a ClientHello without a server name passes.
+    pub allow_missing_sni: bool,
+    /// `to.protocol = "any"`: bytes that are not TLS pass.
+    pub any_protocol: bool,
 }
 
 /// The ACL sections of the whole config.
@@ -199,6 +210,28 @@ impl Policy {
         self.addresses.check(addr, decision.allow.as_deref())
     }
 
+    /// The tunnel options of the rule that made `decision` (a decision of this policy);
+    /// none when no rule decided.
+    pub fn tunnel_options(&self, decision: &Decision) -> TunnelOptions {
+        self.deciding_rule(decision)
+            .map(|rule| rule.tunnel)
+            .unwrap_or_default()
+    }
+
+    /// For `tls.sni = "same-rule"`: does the rule that made `decision` (a decision of this
+    /// policy) also cover `dst`, a server name, and does the policy allow `dst` for `id` (no
+    /// earlier deny rule catches the name)? Ports, methods and protocol are those of the CONNECT.
+    pub fn same_rule_allows(&self, id: &Identity, decision: &Decision, dst: &Destination) -> bool {
+        self.deciding_rule(decision)
+            .is_some_and(|rule| rule.matches_destination(dst.host))
+            && self.authorize(id, dst).is_allowed()
+    }
+
+    fn deciding_rule(&self, decision: &Decision) -> Option<&rules::Rule> {
+        let index = usize::try_from(decision.rule_index?).ok()?;
+        self.rules.rules.get(index)
+    }
+
     pub fn unknown_source(&self) -> UnknownSource {
         self.unknown_source
     }
@@ -264,6 +297,7 @@ impl Policy {
             reason: Reason::Rule,
             denied_address: None,
             allow: rule.allow.clone(),
+            rule_index: u32::try_from(index).ok(),
         };
         if let Host::Ip(ip) = dst.host
             && let Err(denied) = self.check_address(&decision, *ip)

@@ -10,15 +10,17 @@ use ipnet::IpNet;
 use smallvec::SmallVec;
 
 use super::address::{AllowList, embedded_ipv4};
-use super::config::{AclConfigError, Action, PortSpec, Problem, RuleConfig, check_name, check_net};
+use super::config::{
+    AclConfigError, Action, PortSpec, Problem, RuleConfig, RuleProtocol, check_name, check_net,
+};
 use super::host::{HostError, validate_label};
 use super::prefix::{FastBuild, PrefixMap};
 use super::selector::{CompactLabels, CompactSelector, LabelInterner, Selector};
-use super::{Destination, Host, Identity, Protocol};
+use super::{Destination, Host, Identity, Protocol, TunnelOptions};
 
 /// A set of ports: sorted, merged inclusive ranges.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct PortSet {
+pub struct PortSet {
     ranges: Vec<(u16, u16)>,
 }
 
@@ -66,6 +68,8 @@ pub(crate) struct Rule {
     /// Empty: any method.
     methods: Vec<Method>,
     protocol: Option<Protocol>,
+    /// What this rule lets its tunnels do at the TLS check.
+    pub(crate) tunnel: TunnelOptions,
     pub(crate) allow: Option<Arc<AllowList>>,
     /// The `to` part as configured, for `explain`.
     pub(crate) to_text: String,
@@ -107,7 +111,7 @@ pub(crate) enum SourceView<'a> {
 
 impl PortSet {
     /// Parses `443`, `"8000-8100"`; `key` names the list in errors.
-    pub(crate) fn parse(specs: &[PortSpec], key: &str) -> Result<Self, AclConfigError> {
+    pub fn parse(specs: &[PortSpec], key: &str) -> Result<Self, AclConfigError> {
         let mut ranges = Vec::with_capacity(specs.len());
         for spec in specs {
             let text = spec.0.trim();
@@ -142,7 +146,7 @@ impl PortSet {
         Ok(Self { ranges: merged })
     }
 
-    pub(crate) fn contains(&self, port: u16) -> bool {
+    pub fn contains(&self, port: u16) -> bool {
         let at = self.ranges.partition_point(|&(lo, _)| lo <= port);
         at > 0 && self.ranges.get(at - 1).is_some_and(|&(_, hi)| port <= hi)
     }
@@ -399,6 +403,24 @@ impl Rule {
                 methods.push(method);
             }
         }
+        let tunnel = TunnelOptions {
+            allow_missing_sni: cfg.to.allow_missing_sni,
+            any_protocol: cfg.to.protocol == Some(RuleProtocol::Any),
+        };
+        if cfg.to.allow_missing_sni {
+            let no_effect = |why| {
+                Err(AclConfigError::new(
+                    format!("{key}.to.allow_missing_sni"),
+                    Problem::NoEffect(why),
+                ))
+            };
+            if cfg.action == Action::Deny {
+                return no_effect("on a deny rule");
+            }
+            if cfg.to.protocol == Some(RuleProtocol::Http) {
+                return no_effect("with protocol = \"http\" (it is about CONNECT tunnels)");
+            }
+        }
         let mut allow = AllowList::new();
         for (i, net) in cfg.allow_cidrs.iter().enumerate() {
             allow.insert(check_net(&format!("{key}.allow_cidrs[{i}]"), *net)?, ());
@@ -413,7 +435,12 @@ impl Rule {
             cidrs: (!cidrs.is_empty()).then_some(cidrs),
             ports,
             methods,
-            protocol: cfg.to.protocol,
+            protocol: match cfg.to.protocol {
+                Some(RuleProtocol::Connect) => Some(Protocol::Connect),
+                Some(RuleProtocol::Http) => Some(Protocol::Http),
+                Some(RuleProtocol::Any) | None => None,
+            },
+            tunnel,
             allow: (!allow.is_empty()).then(|| Arc::new(allow)),
         })
     }
@@ -504,6 +531,9 @@ fn describe_to(cfg: &RuleConfig) -> String {
     }
     if let Some(p) = to.protocol {
         parts.push(format!("protocol={}", p.as_str()));
+    }
+    if to.allow_missing_sni {
+        parts.push("allow_missing_sni".into());
     }
     if !cfg.allow_cidrs.is_empty() {
         let cidrs: Vec<String> = cfg.allow_cidrs.iter().map(IpNet::to_string).collect();

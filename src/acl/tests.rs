@@ -1021,7 +1021,7 @@ fn indexed_first_match_equals_a_linear_scan() {
                 .push(PortSpec::from(*rng.pick(&[443u16, 8443])));
         }
         if rng.next().is_multiple_of(5) {
-            rule.to.protocol = Some(*rng.pick(&[Protocol::Connect, Protocol::Http]));
+            rule.to.protocol = Some(*rng.pick(&[RuleProtocol::Connect, RuleProtocol::Http]));
         }
         rules.push(rule);
     }

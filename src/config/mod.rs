@@ -33,6 +33,7 @@ const ENV_LIST_KEYS: &[&str] = &[
     "destinations.cluster_cidrs",
     "destinations.connect_ports",
     "destinations.http_ports",
+    "tls.ports",
 ];
 
 /// The whole validated configuration.
@@ -62,6 +63,9 @@ pub struct Config {
     /// Parent proxies and the destinations that bypass them.
     #[serde(default)]
     pub upstream: crate::connect::upstream::UpstreamConfig,
+    /// The ClientHello check of CONNECT tunnels (`[tls]`).
+    #[serde(default)]
+    pub tls: crate::tls::TlsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,6 +122,12 @@ impl From<crate::acl::AclConfigError> for ConfigError {
     fn from(e: crate::acl::AclConfigError) -> ConfigError {
         // Its own Display already starts with the key.
         ConfigError::invalid(e.key, e.problem)
+    }
+}
+
+impl From<crate::tls::TlsConfigError> for ConfigError {
+    fn from(e: crate::tls::TlsConfigError) -> ConfigError {
+        ConfigError::invalid(e.key, e.message)
     }
 }
 
