@@ -48,6 +48,13 @@ pub enum ErrorKind {
     UpstreamAborted,
     TunnelIdleTimeout,
     TunnelError,
+    // Log-only: a tunnel closed by its ClientHello check (`src/tls`), after the `200`.
+    SniMismatch,
+    SniMissing,
+    NotTls,
+    ClientHelloInvalid,
+    EchDenied,
+    ClientHelloTimeout,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,11 +146,17 @@ impl ErrorKind {
             ErrorKind::UpstreamAborted => "upstream-aborted",
             ErrorKind::TunnelIdleTimeout => "tunnel-idle-timeout",
             ErrorKind::TunnelError => "tunnel-error",
+            ErrorKind::SniMismatch => "sni-mismatch",
+            ErrorKind::SniMissing => "sni-missing",
+            ErrorKind::NotTls => "not-tls",
+            ErrorKind::ClientHelloInvalid => "client-hello-invalid",
+            ErrorKind::EchDenied => "ech-denied",
+            ErrorKind::ClientHelloTimeout => "client-hello-timeout",
         }
     }
 
-    /// Refusals by the access policy and the address guard: counted in
-    /// `kalmar_denied_total` (rate limits have their own counter).
+    /// Refusals by the access policy, the address guard and the tunnel ClientHello check:
+    /// counted in `kalmar_denied_total` (rate limits have their own counter).
     pub fn is_denial(self) -> bool {
         matches!(
             self,
@@ -151,6 +164,12 @@ impl ErrorKind {
                 | ErrorKind::Denied
                 | ErrorKind::PortNotAllowed
                 | ErrorKind::InternalDestination
+                | ErrorKind::SniMismatch
+                | ErrorKind::SniMissing
+                | ErrorKind::NotTls
+                | ErrorKind::ClientHelloInvalid
+                | ErrorKind::EchDenied
+                | ErrorKind::ClientHelloTimeout
         )
     }
 }

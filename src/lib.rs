@@ -355,11 +355,14 @@ impl ServerHandle {
 
 /// `kalmar explain`: how the policy decides for `from` asking for `target`, without
 /// sending any traffic (names are resolved, since the destination guard checks addresses).
+/// With `sni` (a CONNECT only), also what the tunnel's ClientHello check would decide for a
+/// hello naming it (`""`: a hello without a server name).
 pub async fn explain(
     config: Config,
     from: std::net::IpAddr,
     target: &str,
     method: &str,
+    sni: Option<&str>,
 ) -> Result<String, String> {
     let snapshot = Snapshot::build(config).map_err(|e| e.to_string())?;
     // A client given https://host/ through a proxy sends `CONNECT host:443`; the path
@@ -397,7 +400,23 @@ pub async fn explain(
         method: &method,
         protocol: target.protocol,
     };
-    Ok(snapshot.policy.explain(from, &destination, &resolved))
+    let mut text = snapshot.policy.explain(from, &destination, &resolved);
+    if let Some(sni) = sni {
+        if target.protocol != acl::Protocol::Connect {
+            return Err("--sni applies to a CONNECT target (host:port)".into());
+        }
+        let identity = snapshot.policy.identify(from);
+        let decision = snapshot.policy.authorize(&identity, &destination);
+        let tunnel = tls::policy::Tunnel {
+            policy: &snapshot.policy,
+            identity: &identity,
+            decision: &decision,
+            host: &target.host,
+            port: target.port,
+        };
+        text.push_str(&snapshot.tls.explain(&tunnel, sni));
+    }
+    Ok(text)
 }
 
 /// `https://host[:port][/path]` → `host:port` (443 by default), the CONNECT a client

@@ -39,6 +39,10 @@ enum Command {
         /// The method of the request (plain HTTP only).
         #[arg(long, default_value = "GET")]
         method: String,
+        /// For a CONNECT: also show what the tunnel's ClientHello check would decide for a
+        /// hello with this server name ("" = a hello without one).
+        #[arg(long)]
+        sni: Option<String>,
     },
 }
 
@@ -54,7 +58,8 @@ fn main() -> ExitCode {
             from,
             target,
             method,
-        }) => explain(cli.config, from, &target, &method),
+            sni,
+        }) => explain(cli.config, from, &target, &method, sni.as_deref()),
         None => run(cli.config),
     }
 }
@@ -109,6 +114,7 @@ fn explain(
     from: std::net::IpAddr,
     target: &str,
     method: &str,
+    sni: Option<&str>,
 ) -> ExitCode {
     let result = (|| -> Result<String, String> {
         let config = Config::load(config.as_deref()).map_err(|e| e.to_string())?;
@@ -116,7 +122,7 @@ fn explain(
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        rt.block_on(kalmar::explain(config, from, target, method))
+        rt.block_on(kalmar::explain(config, from, target, method, sni))
     })();
     match result {
         Ok(text) => {

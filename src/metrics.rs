@@ -19,6 +19,7 @@ use prometheus::{
 use crate::acl::{Reason, Verdict};
 use crate::cache::Outcome;
 use crate::error::ErrorKind;
+use crate::tls::TlsReason;
 
 /// Metric names, one place (README table: "Metrics").
 pub mod names {
@@ -46,6 +47,11 @@ pub mod names {
     pub const TUNNEL_DURATION: &str = "kalmar_tunnel_duration_seconds";
     /// Counter: bytes relayed through CONNECT tunnels, by direction (up = client to origin).
     pub const TUNNEL_BYTES: &str = "kalmar_tunnel_bytes_total";
+    /// Counter: ClientHello checks of CONNECT tunnels on a `tls.ports` port, by result (the
+    /// check's reason: exact, same-rule, off, ip-literal, missing-sni-allowed, any-protocol,
+    /// sni-mismatch, sni-missing, not-tls, client-hello-invalid, ech-denied,
+    /// client-hello-timeout, client-closed).
+    pub const TUNNEL_TLS_CHECKS: &str = "kalmar_tunnel_tls_checks_total";
     /// Histogram: TCP connect (dial) latency to origins and parents, by result.
     pub const CONNECT_DURATION: &str = "kalmar_connect_duration_seconds";
     /// Counter: DNS lookups, by result.
@@ -83,7 +89,7 @@ pub mod labels {
     pub const VERDICT: &str = "verdict";
     /// Denial reason (bounded by the code base).
     pub const REASON: &str = "reason";
-    /// Operation result: ok, error.
+    /// Operation result: ok, error (the tunnel TLS check: its reason).
     pub const RESULT: &str = "result";
     /// Tunnel direction: up (client to origin), down (origin to client).
     pub const DIRECTION: &str = "direction";
@@ -182,6 +188,8 @@ pub struct Metrics {
     tunnel_duration: Histogram,
     /// `[up, down]`.
     tunnel_bytes: [IntCounter; 2],
+    /// Indexed by [`TlsReason::index`].
+    tunnel_tls_checks: [IntCounter; TlsReason::ALL.len()],
     /// `[ok, error]`.
     connect_duration: [Histogram; 2],
     /// `[ok, error]`.
@@ -431,6 +439,17 @@ impl Metrics {
             tunnel_bytes_vec.with_label_values(&["up"]),
             tunnel_bytes_vec.with_label_values(&["down"]),
         ];
+        let tls_checks_vec = register(
+            r,
+            counter_vec(
+                names::TUNNEL_TLS_CHECKS,
+                "ClientHello checks of CONNECT tunnels on a tls.ports port, by result.",
+                &[labels::RESULT],
+            ),
+        );
+        let tunnel_tls_checks = std::array::from_fn(|i| {
+            tls_checks_vec.with_label_values(&[TlsReason::ALL[i].as_str()])
+        });
         let connect_vec = register(
             r,
             histogram_vec(
@@ -555,6 +574,7 @@ impl Metrics {
             active_tunnels,
             tunnel_duration,
             tunnel_bytes,
+            tunnel_tls_checks,
             connect_duration,
             dns_lookups,
             upstream_vec,
@@ -623,6 +643,19 @@ impl Metrics {
     /// (same capping as [`Metrics::denied`]).
     pub fn denied_report(&self, reason: Reason) {
         self.would_deny.inc(reason.as_str());
+    }
+
+    /// A tunnel that failed its ClientHello check under a `report` rule, by the check's reason
+    /// (same counter and capping as [`Metrics::denied_report`]).
+    pub fn denied_report_tls(&self, reason: TlsReason) {
+        self.would_deny.inc(reason.as_str());
+    }
+
+    /// One tunnel's ClientHello check, by its reason.
+    pub fn tunnel_tls_check(&self, reason: TlsReason) {
+        if let Some(counter) = self.tunnel_tls_checks.get(reason.index()) {
+            counter.inc();
+        }
     }
 
     /// A client connection was accepted; the returned guard keeps it in the open-connections gauge.

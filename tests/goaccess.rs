@@ -47,6 +47,9 @@ fn base(i: u64) -> AccessRecord {
         user_agent: Some(http::HeaderValue::from_static("curl/8.5.0")),
         referer: None,
         http_version: http::Version::HTTP_11,
+        sni: None,
+        alpn: None,
+        tls: None,
     }
 }
 

@@ -66,10 +66,13 @@ pub async fn bulk_source(size: usize) -> SocketAddr {
 }
 
 /// Kalmar with the ACL and access log on (log to a file in a temp dir), loopback opened.
+/// These benches tunnel raw bytes, so the ClientHello check is off (`tls.ports = []`);
+/// its cost is measured with real TLS by peerbench (`benches/peerbench/run.sh tls`).
 pub fn kalmar(dir: &std::path::Path) -> kalmar::ServerHandle {
     let text = format!(
         "[server]\nworkers = 1\n[dns]\nnameservers = [\"127.0.0.1:1\"]\nuse_hosts_file = false\n\
          [destinations]\nallowed_cidrs = [\"127.0.0.0/8\"]\nconnect_ports = [\"1-65535\"]\n\
+         [tls]\nports = []\n\
          [access_log]\npath = {:?}\n",
         dir.join("access.log").display().to_string()
     );

@@ -65,6 +65,21 @@ pub(super) fn write_json(rec: &AccessRecord, out: &mut Vec<u8>) {
     o.opt_header(fields::USER_AGENT, rec.user_agent.as_ref());
     o.opt_header(fields::REFERER, rec.referer.as_ref());
     o.str(fields::HTTP_VERSION, version_str(rec.http_version));
+    o.opt_str(fields::SNI, rec.sni.as_deref());
+    o.key(fields::ALPN);
+    match &rec.alpn {
+        Some(names) => {
+            o.out.push(b'[');
+            for (i, name) in names.iter().enumerate() {
+                if i > 0 {
+                    o.out.push(b',');
+                }
+                json_string(o.out, name.as_bytes());
+            }
+            o.out.push(b']');
+        }
+        None => o.null(),
+    }
     o.out.push(b'}');
 }
 

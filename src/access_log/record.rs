@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use crate::acl::{Reason, Verdict};
 use crate::cache::Outcome;
 use crate::error::ErrorKind;
+use crate::tls::TlsCheck;
 
 /// JSON field names, one place (README table: "Access log fields").
 pub mod fields {
@@ -56,9 +57,13 @@ pub mod fields {
     pub const REFERER: &str = "referer";
     /// string: request protocol version (`HTTP/1.1`).
     pub const HTTP_VERSION: &str = "http_version";
+    /// string|null: tunnels: the server name (SNI) of the client's ClientHello, normalised.
+    pub const SNI: &str = "sni";
+    /// array|null: tunnels: the ALPN protocol names the ClientHello offered.
+    pub const ALPN: &str = "alpn";
 
     /// Every field, in output order.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 24] = [
         TIME,
         DURATION_MS,
         REQUEST_ID,
@@ -81,6 +86,8 @@ pub mod fields {
         USER_AGENT,
         REFERER,
         HTTP_VERSION,
+        SNI,
+        ALPN,
     ];
 }
 
@@ -118,6 +125,12 @@ pub struct AccessRecord {
     pub user_agent: Option<http::HeaderValue>,
     pub referer: Option<http::HeaderValue>,
     pub http_version: http::Version,
+    /// Tunnels: the ClientHello's server name (normalised), when a hello with one was read.
+    pub sni: Option<Box<str>>,
+    /// Tunnels: the ALPN names the ClientHello offered; `None` when no hello was read.
+    pub alpn: Option<Vec<String>>,
+    /// Tunnels on a `tls.ports` port: the ClientHello check's outcome.
+    pub tls: Option<TlsCheck>,
 }
 
 // === impl AccessRecord ===
@@ -148,6 +161,9 @@ impl AccessRecord {
             user_agent: None,
             referer: None,
             http_version: http::Version::HTTP_11,
+            sni: None,
+            alpn: None,
+            tls: None,
         }
     }
 
@@ -156,8 +172,13 @@ impl AccessRecord {
         self.verdict.map_or("none", |v| v.as_str())
     }
 
+    /// The policy's reason; for a tunnel that failed its ClientHello check (closed, or
+    /// relayed under a `report` rule), the check's (`sni-mismatch`, ...).
     pub fn reason_str(&self) -> &'static str {
-        self.reason.map_or("none", |r| r.as_str())
+        match self.tls {
+            Some(check) if check.reason.is_failure() => check.reason.as_str(),
+            _ => self.reason.map_or("none", |r| r.as_str()),
+        }
     }
 }
 

@@ -36,6 +36,9 @@ fn record() -> AccessRecord {
         user_agent: Some(http::HeaderValue::from_static("curl/8.5.0")),
         referer: None,
         http_version: http::Version::HTTP_11,
+        sni: None,
+        alpn: None,
+        tls: None,
     }
 }
 
@@ -140,6 +143,46 @@ fn json_has_every_field_with_the_right_values() {
 }
 
 #[test]
+fn json_tunnel_fields_sni_alpn_and_the_check_as_reason() {
+    use crate::tls::{TlsCheck, TlsReason};
+    let tunnel = AccessRecord {
+        method: http::Method::CONNECT,
+        target: "pypi.org:443".to_owned(),
+        sni: Some("pypi.org".into()),
+        alpn: Some(vec!["h2".into(), "http/1.1".into()]),
+        tls: Some(TlsCheck {
+            verdict: Verdict::Allow,
+            reason: TlsReason::Exact,
+        }),
+        ..record()
+    };
+    let v = json(&tunnel);
+    assert_eq!(v[fields::SNI], "pypi.org");
+    assert_eq!(v[fields::ALPN], serde_json::json!(["h2", "http/1.1"]));
+    assert_eq!(
+        v[fields::REASON],
+        "rule",
+        "a passed check leaves the policy's reason"
+    );
+    let refused = AccessRecord {
+        sni: Some("evil.example".into()),
+        alpn: Some(Vec::new()),
+        verdict: Some(Verdict::Deny),
+        error: Some(crate::error::ErrorKind::SniMismatch),
+        tls: Some(TlsCheck {
+            verdict: Verdict::Deny,
+            reason: TlsReason::SniMismatch,
+        }),
+        ..tunnel
+    };
+    let v = json(&refused);
+    assert_eq!(v[fields::ALPN], serde_json::json!([]));
+    assert_eq!(v[fields::VERDICT], "deny");
+    assert_eq!(v[fields::REASON], "sni-mismatch");
+    assert_eq!(v[fields::ERROR], "sni-mismatch");
+}
+
+#[test]
 fn json_missing_fields_are_null() {
     let v = json(&bare_record());
     assert_eq!(v.len(), fields::ALL.len());
@@ -152,6 +195,8 @@ fn json_missing_fields_are_null() {
         fields::CONTENT_TYPE,
         fields::USER_AGENT,
         fields::REFERER,
+        fields::SNI,
+        fields::ALPN,
     ] {
         assert!(v[f].is_null(), "{f}");
     }

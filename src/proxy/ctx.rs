@@ -162,6 +162,11 @@ impl RequestCtx {
         if let (Some(Verdict::Report), Some(reason)) = (record.verdict, record.reason) {
             metrics.denied_report(reason);
         }
+        if let Some(check) = record.tls
+            && check.verdict == Verdict::Report
+        {
+            metrics.denied_report_tls(check.reason);
+        }
         if let Some(cache) = record.cache {
             metrics.cache(cache, bytes_to_client);
         }

@@ -11,7 +11,7 @@
 //! | 5 | authorize: rules × destination × ports  | `Proxy::admit`            | 403                     |
 //! | 6 | cache lookup (plain-HTTP GET/HEAD)      | `cache_stage`             | hit / 304 / 504 not-cached |
 //! | 7 | connect: route, resolve, vet every address, dial (or a parent) | `connect::Connector` | 403 / 502 / 504 |
-//! | 8 | forward the exchange, or relay the tunnel | `forward`, `tunnel`, `relay` | 502 / 504          |
+//! | 8 | forward the exchange, or check the tunnel's ClientHello and relay it | `forward`, `tunnel`, `tunnel_tls`, `relay` | 502 / 504; tunnels: close + log |
 //! | 9 | cache store, while the body streams     | `cache_stage`, `cache::tee` | –                     |
 //! |10 | error → response                        | `Proxy::respond`          | –                       |
 //! |11 | access-log line + metrics, when the body or tunnel is done | `ctx` | –                    |
@@ -24,6 +24,7 @@ pub mod headers;
 pub mod relay;
 pub mod target;
 pub mod tunnel;
+pub mod tunnel_tls;
 
 use std::sync::Arc;
 
@@ -58,7 +59,8 @@ pub struct Proxy {
 /// decided and which way it goes. Every later stage is a method of this value.
 pub struct Exchange<'a> {
     pub proxy: &'a Arc<Proxy>,
-    pub snap: &'a Snapshot,
+    /// Shared, so that a tunnel's task can hold it for its ClientHello check.
+    pub snap: &'a Arc<Snapshot>,
     pub ctx: &'a mut RequestCtx,
     pub identity: Identity,
     pub target: Target,
@@ -93,7 +95,7 @@ impl Proxy {
     /// Stages 2-5: identify, rate limit, parse the target, authorize, and pick the route.
     fn admit<'a>(
         self: &'a Arc<Self>,
-        snap: &'a Snapshot,
+        snap: &'a Arc<Snapshot>,
         ctx: &'a mut RequestCtx,
         req: &Request<Incoming>,
     ) -> Result<Exchange<'a>, ProxyError> {

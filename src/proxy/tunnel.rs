@@ -7,7 +7,9 @@
 //! ...then opaque bytes (TLS) in both directions until both sides are done...
 //! ```
 //! This module opens the tunnel (the far end comes from the one connect step,
-//! `connect::Connector::tunnel`) and spawns its task; moving the bytes is `super::relay`.
+//! `connect::Connector::tunnel`) and spawns its task. On a `tls.ports` port the task first
+//! checks the client's ClientHello (stage 8a, `super::tunnel_tls`), which may close the
+//! tunnel; moving the bytes is `super::relay`.
 //! The client's `TcpStream` is taken back out of hyper's upgraded connection so that
 //! hyper's read buffer is freed: together with the relay, which holds no buffer while a
 //! tunnel is idle, that keeps an idle tunnel to a few KiB.
@@ -19,7 +21,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -27,9 +29,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::Exchange;
 use super::body::ClientBody;
+use super::ctx::RequestCtx;
 use super::relay::{TunnelEnd, relay, relay_io};
+use super::tunnel_tls::{Inspected, Inspection};
+use super::{Exchange, Proxy};
 use crate::connect::{Path, TunnelStream};
 use crate::error::ProxyError;
 use crate::limit::TunnelPermit;
@@ -55,7 +59,8 @@ impl Exchange<'_> {
         Ok(self.spawn_relay(req, permit, far))
     }
 
-    /// Answer 200 and relay in a task of its own, which logs the tunnel when it closes.
+    /// Answer 200, then check the ClientHello (when the port is in `tls.ports`) and relay in
+    /// a task of its own, which logs the tunnel when it closes.
     fn spawn_relay(
         self,
         req: Request<Incoming>,
@@ -63,6 +68,13 @@ impl Exchange<'_> {
         far: TunnelStream,
     ) -> Response<ClientBody> {
         self.ctx.record.status = 200;
+        let inspection = Inspection::new(
+            self.snap,
+            &self.identity,
+            &self.decision,
+            &self.target.host,
+            self.target.port,
+        );
         let mut tunnel_ctx = self.ctx.detach_tunnel();
         let idle = self.snap.config.timeouts.tunnel_idle;
         let proxy = Arc::clone(self.proxy);
@@ -74,14 +86,16 @@ impl Exchange<'_> {
             let started = Instant::now();
             let (up, down, end) = match hyper::upgrade::on(req).await {
                 Ok(upgraded) => match take_client_stream(upgraded) {
-                    Ok((client, buffered)) => match far {
-                        TunnelStream::Tcp(origin, early) => {
-                            relay(client, origin, buffered, early, idle, &proxy.tracker).await
-                        }
-                        TunnelStream::Parent(origin, early) => {
-                            relay_io(client, origin, buffered, early, idle, &proxy.tracker).await
-                        }
-                    },
+                    Ok((client, buffered)) => {
+                        let tunnel = Tunnel {
+                            client,
+                            buffered,
+                            far,
+                        };
+                        tunnel
+                            .inspect_and_relay(inspection, &mut tunnel_ctx, &proxy, idle)
+                            .await
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "CONNECT upgrade returned an unexpected stream type");
                         (0, 0, TunnelEnd::Error)
@@ -101,6 +115,72 @@ impl Exchange<'_> {
             tunnel_ctx.finish_async(&proxy.log, down).await;
         });
         Response::new(ClientBody::empty())
+    }
+}
+
+/// An open tunnel after the `200`: the client's socket, the bytes hyper had read past the
+/// CONNECT head, and the far end.
+struct Tunnel {
+    client: TcpStream,
+    buffered: Bytes,
+    far: TunnelStream,
+}
+
+// === impl Tunnel ===
+
+impl Tunnel {
+    /// Stage 8a, the ClientHello check (when this tunnel has one), then the relay. Returns
+    /// the bytes up and down and how it ended.
+    async fn inspect_and_relay(
+        mut self,
+        inspection: Option<Inspection>,
+        ctx: &mut RequestCtx,
+        proxy: &Proxy,
+        idle: Duration,
+    ) -> (u64, u64, TunnelEnd) {
+        if let Some(inspection) = inspection {
+            // A rule with `protocol = "any"` may serve a protocol whose server speaks
+            // first: then the wait for the client ends as soon as the origin sends.
+            let watch = inspection.any_protocol();
+            let far = &self.far;
+            let far_end_first = async move {
+                match far {
+                    TunnelStream::Tcp(_, early) | TunnelStream::Parent(_, early)
+                        if watch && !early.is_empty() => {}
+                    TunnelStream::Tcp(origin, _) if watch => {
+                        let _ = origin.readable().await;
+                    }
+                    _ => std::future::pending().await,
+                }
+            };
+            let buffered = std::mem::take(&mut self.buffered);
+            let inspected = inspection
+                .run(
+                    &mut self.client,
+                    buffered,
+                    far_end_first,
+                    ctx,
+                    &proxy.metrics,
+                )
+                .await;
+            match inspected {
+                Inspected::Relay(bytes) => self.buffered = bytes,
+                Inspected::Close { read } => return (read, 0, TunnelEnd::Closed),
+            }
+        }
+        let Tunnel {
+            client,
+            buffered,
+            far,
+        } = self;
+        match far {
+            TunnelStream::Tcp(origin, early) => {
+                relay(client, origin, buffered, early, idle, &proxy.tracker).await
+            }
+            TunnelStream::Parent(origin, early) => {
+                relay_io(client, origin, buffered, early, idle, &proxy.tracker).await
+            }
+        }
     }
 }
 

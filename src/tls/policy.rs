@@ -5,6 +5,7 @@ use std::fmt;
 use super::client_hello::{ClientHello, HelloOutcome};
 use super::{EchMode, SniMode, TlsPolicy};
 use crate::acl::{Decision, Destination, Host, Identity, Policy, Protocol, Verdict};
+use crate::error::ErrorKind;
 
 /// The CONNECT a ClientHello is judged against: who asked, for what, and how the ACL decided.
 #[derive(Debug, Clone, Copy)]
@@ -64,12 +65,13 @@ impl TlsCheck {
         self.verdict == Verdict::Deny || self.reason == TlsReason::ClientClosed
     }
 
-    /// The access log's `error` kind: the failure's kind (under `deny` and `report` alike), or
-    /// `client-aborted` when the client left first. `None` when the tunnel passed.
-    pub fn log_kind(&self) -> Option<&'static str> {
+    /// The access log's `error` kind of a tunnel this check closes: the failure's log-only
+    /// kind, or `client-aborted` when the client left first. `None` when the tunnel goes on
+    /// (it passed, or failed under a `report` rule).
+    pub fn error_kind(&self) -> Option<ErrorKind> {
         match self.reason {
-            TlsReason::ClientClosed => Some("client-aborted"),
-            reason if reason.is_failure() => Some(reason.as_str()),
+            TlsReason::ClientClosed => Some(ErrorKind::ClientAborted),
+            reason if self.verdict == Verdict::Deny => reason.error_kind(),
             _ => None,
         }
     }
@@ -129,6 +131,19 @@ impl TlsReason {
                 | TlsReason::EchDenied
                 | TlsReason::ClientHelloTimeout
         )
+    }
+
+    /// The log-only error kind of a failure (`None` for the reasons that pass).
+    pub fn error_kind(self) -> Option<ErrorKind> {
+        Some(match self {
+            TlsReason::SniMismatch => ErrorKind::SniMismatch,
+            TlsReason::SniMissing => ErrorKind::SniMissing,
+            TlsReason::NotTls => ErrorKind::NotTls,
+            TlsReason::ClientHelloInvalid => ErrorKind::ClientHelloInvalid,
+            TlsReason::EchDenied => ErrorKind::EchDenied,
+            TlsReason::ClientHelloTimeout => ErrorKind::ClientHelloTimeout,
+            _ => return None,
+        })
     }
 
     /// Index in [`TlsReason::ALL`] (for metric arrays).
@@ -194,6 +209,48 @@ impl TlsPolicy {
             return TlsReason::EchDenied;
         }
         name
+    }
+
+    /// Lines for `kalmar explain --sni NAME`: what the check would decide for a ClientHello
+    /// naming `sni` (`""`: no server name) in `tunnel`.
+    pub fn explain(&self, tunnel: &Tunnel<'_>, sni: &str) -> String {
+        let settings = format!(
+            "tls.sni = {}, tls.ech = {}, tls.ports {}",
+            self.sni.as_str(),
+            self.ech.as_str(),
+            self.ports_text()
+        );
+        let shown = if sni.is_empty() {
+            "a ClientHello without a server name".to_owned()
+        } else {
+            format!("server name {sni:?}")
+        };
+        let line = if !tunnel.decision.is_allowed() {
+            "not reached: the CONNECT itself is denied".to_owned()
+        } else if !self.applies(tunnel.port) {
+            format!("not checked: port {} is not in tls.ports", tunnel.port)
+        } else {
+            let outcome = if sni.is_empty() {
+                HelloOutcome::Hello(ClientHello::default())
+            } else {
+                match super::client_hello::normalize_server_name(sni.as_bytes()) {
+                    Some(name) => HelloOutcome::Hello(ClientHello {
+                        server_name: Some(name),
+                        ..ClientHello::default()
+                    }),
+                    None => HelloOutcome::Invalid(super::client_hello::Invalid::ServerName),
+                }
+            };
+            let check = self.check(tunnel, &outcome);
+            match (check.verdict, check.reason.error_kind()) {
+                (Verdict::Deny, Some(kind)) => {
+                    format!("{check}: the tunnel would be closed and logged as {kind}")
+                }
+                (_, Some(_)) => format!("{check}: relayed (report rule) and counted"),
+                _ => format!("{check}: relayed"),
+            }
+        };
+        format!("tls          {settings}\ntls check    {shown}: {line}\n")
     }
 
     /// `same-rule`: the deciding rule's destination covers `named`, and the policy, asked about

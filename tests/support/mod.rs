@@ -25,6 +25,10 @@ use_hosts_file = false
 [destinations]
 allowed_cidrs = ["127.0.0.0/8", "::1/128"]
 connect_ports = ["1-65535"]
+[tls]
+# Every port is a CONNECT port here (origins listen on random ones); the ClientHello check
+# stays on 443 unless a test opens it wider (tests/tunnel_tls.rs does).
+ports = ["443"]
 "#;
 
 pub struct Kalmar {
@@ -142,6 +146,13 @@ fn merge_toml(base: &str, extra: &str, log_path: &std::path::Path) -> String {
     for layer in [log, extra] {
         merge_into(&mut doc, layer);
     }
+    doc.to_string()
+}
+
+/// `extra` over `base` (both TOML), table by table and key by key, as one document.
+pub fn merge(base: &str, extra: &str) -> String {
+    let mut doc: toml::Table = base.parse().expect("base toml");
+    merge_into(&mut doc, extra.parse().expect("extra toml"));
     doc.to_string()
 }
 
@@ -387,4 +398,20 @@ pub fn error_kind(r: &reqwest::Response) -> String {
         .get("x-kalmar-error")
         .map(|v| v.to_str().unwrap_or("?").to_owned())
         .unwrap_or_default()
+}
+
+/// Is the program `tool` on the PATH? When it is not, [`tool_missing`] decides: the test
+/// fails under CI, and is skipped with a message elsewhere.
+pub fn have_tool(tool: &str, install: &str) -> bool {
+    // Spawning is the test: whatever `--version` answers, the program is there.
+    let found = std::process::Command::new(tool)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        tool_missing(tool, install);
+    }
+    found
 }

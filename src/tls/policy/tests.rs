@@ -3,6 +3,7 @@
 use super::*;
 use crate::acl::{AclConfig, normalize_host};
 use crate::config::Config;
+use crate::error::ErrorKind;
 use crate::tls::client_hello::Invalid;
 
 const RULES: &str = r#"
@@ -275,30 +276,27 @@ fn kinds_for_the_log_and_closing() {
         verdict: Verdict::Allow,
         reason: TlsReason::Exact,
     };
-    assert_eq!((pass.closes(), pass.log_kind()), (false, None));
+    assert_eq!((pass.closes(), pass.error_kind()), (false, None));
     let deny = TlsCheck {
         verdict: Verdict::Deny,
         reason: TlsReason::SniMismatch,
     };
     assert_eq!(
-        (deny.closes(), deny.log_kind()),
-        (true, Some("sni-mismatch"))
+        (deny.closes(), deny.error_kind()),
+        (true, Some(ErrorKind::SniMismatch))
     );
     let report = TlsCheck {
         verdict: Verdict::Report,
         reason: TlsReason::NotTls,
     };
-    assert_eq!(
-        (report.closes(), report.log_kind()),
-        (false, Some("not-tls"))
-    );
+    assert_eq!((report.closes(), report.error_kind()), (false, None));
     let gone = TlsCheck {
         verdict: Verdict::Allow,
         reason: TlsReason::ClientClosed,
     };
     assert_eq!(
-        (gone.closes(), gone.log_kind()),
-        (true, Some("client-aborted"))
+        (gone.closes(), gone.error_kind()),
+        (true, Some(ErrorKind::ClientAborted))
     );
     let labels: Vec<&str> = TlsReason::ALL.iter().map(|r| r.as_str()).collect();
     let mut unique = labels.clone();
@@ -307,6 +305,11 @@ fn kinds_for_the_log_and_closing() {
     assert_eq!(unique.len(), labels.len());
     for (i, reason) in TlsReason::ALL.iter().enumerate() {
         assert_eq!(reason.index(), i);
+        // A failure's log kind is spelled as its metric result.
+        assert_eq!(
+            reason.error_kind().map(|k| k.as_str()),
+            reason.is_failure().then(|| reason.as_str())
+        );
     }
 }
 
