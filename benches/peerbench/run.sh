@@ -22,7 +22,10 @@
 #           B = $BIN with env $KALMAR_B_ENV, named $B_NAME; workloads $AB_WORKLOADS
 #           (http,connect), $AB_REPS repetitions (5). Not in the default set.
 #           e.g. before/after a change:  KALMAR_A=/path/old-kalmar A_NAME=before B_NAME=after run.sh ab
-#                a config switch:        KALMAR_A_ENV=KALMAR_TLS__SNI=off A_NAME=sni-off B_NAME=sni-on run.sh ab
+#                a config switch:        KALMAR_A_ENV=KALMAR_TLS__PORTS= A_NAME=tls-off B_NAME=tls-on \
+#                                        AB_WORKLOADS=connect,bulk run.sh ab
+#           (the tunnel ClientHello check: `tls.ports = []` turns the whole stage off;
+#           `tls.sni = "off"` only stops comparing the name, the hello is still read)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"

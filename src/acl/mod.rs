@@ -28,6 +28,11 @@
 //!     `ports` matches every port. When no rule matches, the reason is `port-not-allowed` if the port
 //!     is outside the defaults, else `default-deny`.
 //!   - `methods` match the request method; a tunnel's method is `CONNECT`.
+//!   - `protocol`: `connect` (tunnels only), `http` (plain HTTP only), `any` (both, and the
+//!     tunnel ClientHello check in `src/tls` lets bytes that are not TLS through); absent: both.
+//!     `allow_missing_sni = true`: the rule's tunnels may send a ClientHello without a server
+//!     name. Both are read by the TLS check through [`Policy::tunnel_options`]; `allow_missing_sni`
+//!     on a deny rule or with `protocol = "http"` is a config error (it would mean nothing).
 //!   - `report` grants access like `allow` (verdict `report`: allowed, logged and counted as
 //!     "would deny"); scope it as you would an allow rule.
 //! - **Destinations.** A literal address (and every address the core resolves) is denied when it,
