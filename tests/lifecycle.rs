@@ -109,7 +109,15 @@ fn check_config_rejects_invalid_fixtures_naming_the_key() {
         ),
         (
             "unknown_nested_key.toml",
-            "rules[0].to.prots: unknown key, expected one of: domains, cidrs, ports, methods, protocol",
+            "rules[0].to.prots: unknown key, expected one of: domains, cidrs, ports, methods, protocol, allow_missing_sni",
+        ),
+        (
+            "tls_sni.toml",
+            "tls.sni: unknown value \"loose\", expected one of: exact, same-rule, off",
+        ),
+        (
+            "allow_missing_sni_on_deny.toml",
+            "rules[0].to.allow_missing_sni: has no effect on a deny rule",
         ),
     ];
     let files = fixtures("invalid");
