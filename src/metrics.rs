@@ -907,6 +907,7 @@ fn cache_index(outcome: Outcome) -> usize {
         Outcome::Miss => 1,
         Outcome::Revalidated => 2,
         Outcome::Uncacheable => 3,
+        Outcome::Stale => 4,
     }
 }
 

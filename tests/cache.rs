@@ -410,8 +410,9 @@ async fn freshness_comes_from_s_maxage_expires_and_heuristics() {
         ("/a?cc=max-age=60,s-maxage=0", false),
         // no freshness and no validator: nothing to gain from storing
         ("/a", false),
-        // cookies need an explicit `public`
-        ("/a?cc=max-age=60&cookie=1", false),
+        // Set-Cookie is a header like any other for a shared cache (RFC 9111 3.1, 7.3):
+        // an origin that sets per-user cookies says private or no-store
+        ("/a?cc=max-age=60&cookie=1", true),
         ("/a?cc=public,max-age=60&cookie=1", true),
     ];
     for (pq, cached) in cases {
@@ -562,10 +563,11 @@ async fn vary_selects_variants_and_vary_star_is_never_served() {
     let client = kalmar.client();
     let pq = "/vary?cc=max-age=60&vary=accept-language";
     let url = origin.url(pq);
-    for lang in ["de", "en"] {
+    // the first response makes the URL vary; a second language is a vary-miss
+    for (lang, fwd) in [("de", "miss"), ("en", "vary-miss")] {
         let (_, h, body) = get(&client, &url, &[("accept-language", lang)]).await;
         assert_eq!(body, format!("v1 {pq} {lang}"));
-        assert_eq!(cache_status(&h), "kalmar; fwd=miss; stored");
+        assert_eq!(cache_status(&h), format!("kalmar; fwd={fwd}; stored"));
     }
     for lang in ["de", "en", "de"] {
         let (_, h, body) = get(&client, &url, &[("accept-language", lang)]).await;
@@ -575,7 +577,7 @@ async fn vary_selects_variants_and_vary_star_is_never_served() {
     // no accept-language at all is another variant
     let (_, h, body) = get(&client, &url, &[]).await;
     assert_eq!(body, format!("v1 {pq} -"));
-    assert_eq!(cache_status(&h), "kalmar; fwd=miss; stored");
+    assert_eq!(cache_status(&h), "kalmar; fwd=vary-miss; stored");
     assert_eq!(origin.gets(pq), 3);
 
     let pq = "/vary?cc=max-age=60&vary=*";
@@ -1027,7 +1029,7 @@ async fn the_disk_tier_survives_restarts_and_discards_corrupt_entries() {
     assert_eq!(cache_status(&h), "kalmar; hit");
     assert_eq!(body, format!("v1 {v} text/x"));
     let (_, h, _) = get(&client, &origin.url(v), &[("accept", "text/y")]).await;
-    assert_eq!(cache_status(&h), "kalmar; fwd=miss; stored");
+    assert_eq!(cache_status(&h), "kalmar; fwd=vary-miss; stored");
     kalmar.shutdown();
 
     // corrupt one file (a flipped body byte), truncate another

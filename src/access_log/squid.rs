@@ -66,6 +66,7 @@ fn squid_code(rec: &AccessRecord) -> &'static str {
     match rec.cache {
         Some(Outcome::Hit) => return "TCP_HIT",
         Some(Outcome::Revalidated) => return "TCP_REFRESH_UNMODIFIED",
+        Some(Outcome::Stale) => return "TCP_REFRESH_FAIL_OLD",
         _ => {}
     }
     if rec.resolved.is_none() && rec.verdict.is_none() {

@@ -19,7 +19,6 @@ use std::sync::mpsc;
 
 use bytes::Bytes;
 use http::HeaderName;
-use http_cache_semantics::CachePolicy;
 use parking_lot::Mutex;
 use ring::digest;
 use serde::{Deserialize, Serialize};
@@ -85,7 +84,7 @@ struct Meta {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum MetaSlot {
-    Response { policy: Box<CachePolicy> },
+    Response { policy: Box<super::policy::Policy> },
     Vary { generation: u64, names: Vec<String> },
 }
 
@@ -409,7 +408,6 @@ fn decode(bytes: Bytes, key: &str) -> Result<Slot, Corrupt> {
         MetaSlot::Response { policy } => Slot::Response(Arc::new(Entry::new(
             *policy,
             bytes.slice(meta_end..content),
-            meta_len as usize,
         ))),
         MetaSlot::Vary { generation, names } => Slot::Vary(Arc::new(VarySpec {
             generation,
@@ -437,13 +435,20 @@ fn path_of(dir: &Path, name: &str) -> PathBuf {
 mod tests {
     use super::*;
 
-    fn policy() -> CachePolicy {
-        let req = http::Request::get("http://a/b").body(()).unwrap();
-        let res = http::Response::builder()
-            .header("cache-control", "max-age=60")
-            .body(())
-            .unwrap();
-        CachePolicy::new(&req, &res)
+    fn policy() -> super::super::policy::Policy {
+        let mut res = http::HeaderMap::new();
+        res.insert(
+            "cache-control",
+            http::HeaderValue::from_static("max-age=60"),
+        );
+        let now = std::time::SystemTime::now();
+        super::super::policy::Policy::new(
+            http::StatusCode::OK,
+            &res,
+            http::HeaderMap::new(),
+            now,
+            now,
+        )
     }
 
     #[test]

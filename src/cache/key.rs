@@ -1,28 +1,17 @@
 //! Cache keys and the request side of cache decisions: the method-independent URL key,
-//! `Vary`-selected variant keys, the request as `http-cache-semantics` sees it, the client's
-//! own conditional headers, and the RFC 9211 `Cache-Status` value.
+//! `Vary`-selected variant keys, the client's own conditional headers, and the RFC 9211
+//! `Cache-Status` value.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Uri};
-use http_cache_semantics::RequestLike;
 
 use super::VarySpec;
+use super::policy::{http_date, weak_eq};
 
 /// `Cache-Status` (RFC 9211).
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// The cache's name in `Cache-Status`.
 const CACHE_NAME: &str = "kalmar";
-
-/// Stored and looked up as a GET: a stored GET response also answers HEAD (RFC 9110 9.3.2).
-static GET: Method = Method::GET;
-
-/// A request as `http-cache-semantics` sees it: the canonical URL (the key), GET, and the
-/// request headers (without `Host`: the URL already names the authority).
-pub struct CacheRequest<'a> {
-    pub url: &'a str,
-    pub headers: &'a HeaderMap,
-}
 
 /// How the response is described in `Cache-Status` when it was not a plain hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,11 +30,25 @@ pub enum Forward {
     Method,
 }
 
+/// Why a stale stored response was served without validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleWhy {
+    /// Within `stale-while-revalidate`: `kalmar; hit; detail=stale-while-revalidate`.
+    WhileRevalidate,
+    /// The origin answered 5xx within `stale-if-error`:
+    /// `kalmar; fwd=stale; fwd-status=<n>; detail=stale-if-error`.
+    OriginError(u16),
+    /// The origin could not be reached: `kalmar; fwd=stale; detail=origin-unreachable`.
+    Unreachable,
+}
+
 /// The `Cache-Status` member for one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     /// `kalmar; hit`
     Hit,
+    /// A stale stored response served as it is.
+    Stale(StaleWhy),
     /// `kalmar; fwd=<why>[; fwd-status=<n>][; stored][; collapsed]`
     Forwarded {
         fwd: Forward,
@@ -61,26 +64,6 @@ pub enum Status {
 pub struct Conditionals {
     if_none_match: Option<HeaderValue>,
     if_modified_since: Option<HeaderValue>,
-}
-
-// === impl CacheRequest ===
-
-impl RequestLike for CacheRequest<'_> {
-    fn uri(&self) -> Uri {
-        self.url.parse().unwrap_or_default()
-    }
-
-    fn is_same_uri(&self, other: &Uri) -> bool {
-        other == self.url
-    }
-
-    fn method(&self) -> &Method {
-        &GET
-    }
-
-    fn headers(&self) -> &HeaderMap {
-        self.headers
-    }
 }
 
 // === impl Forward ===
@@ -113,6 +96,16 @@ impl Status {
     pub fn to_header(self) -> HeaderValue {
         match self {
             Status::Hit => HeaderValue::from_static("kalmar; hit"),
+            Status::Stale(StaleWhy::WhileRevalidate) => {
+                HeaderValue::from_static("kalmar; hit; detail=stale-while-revalidate")
+            }
+            Status::Stale(StaleWhy::OriginError(status)) => HeaderValue::from_str(&format!(
+                "{CACHE_NAME}; fwd=stale; fwd-status={status}; detail=stale-if-error"
+            ))
+            .unwrap_or_else(|_| HeaderValue::from_static("kalmar")),
+            Status::Stale(StaleWhy::Unreachable) => {
+                HeaderValue::from_static("kalmar; fwd=stale; detail=origin-unreachable")
+            }
             Status::Forwarded {
                 fwd,
                 fwd_status,
@@ -160,47 +153,35 @@ impl Conditionals {
         self.if_none_match.is_none() && self.if_modified_since.is_none()
     }
 
-    /// Whether a stored 2xx response with `headers` answers this request with 304.
+    /// Whether a stored 2xx response with `headers` answers this request with 304
+    /// (If-None-Match by weak comparison; If-Modified-Since against Last-Modified, or the
+    /// Date when there is none, RFC 9111 4.3.2).
     pub fn not_modified(&self, headers: &HeaderMap) -> bool {
         if let Some(inm) = &self.if_none_match {
             let Ok(inm) = inm.to_str() else { return false };
-            let Some(etag) = headers.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+            let Some(etag) = headers.get(header::ETAG) else {
                 return inm.trim() == "*";
             };
             return inm
                 .split(',')
                 .map(str::trim)
-                .any(|tag| tag == "*" || weak_eq(tag, etag));
+                .any(|tag| tag == "*" || weak_eq(tag.as_bytes(), etag.as_bytes()));
         }
-        let Some(since) = self
-            .if_modified_since
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok())
-        else {
+        let Some(since) = self.if_modified_since.as_ref().and_then(http_date) else {
             return false;
         };
         headers
             .get(header::LAST_MODIFIED)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok())
+            .or_else(|| headers.get(header::DATE))
+            .and_then(http_date)
             .is_some_and(|modified| modified <= since)
     }
 }
 
-/// Weak entity-tag comparison (RFC 9110 8.8.3.2).
-fn weak_eq(a: &str, b: &str) -> bool {
-    let opaque = |t: &str| t.trim().strip_prefix("W/").unwrap_or(t.trim()).to_owned();
-    opaque(a) == opaque(b)
-}
-
-/// Requests the cache does not handle and forwards untouched: ranges and the conditionals
-/// it does not evaluate.
+/// Requests the cache does not handle and forwards untouched: the conditionals it does not
+/// evaluate (a `Range` is answered from a fresh stored response, else forwarded too).
 pub fn bypasses(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::RANGE)
-        || headers.contains_key(header::IF_MATCH)
-        || headers.contains_key(header::IF_UNMODIFIED_SINCE)
-        || headers.contains_key(header::IF_RANGE)
+    headers.contains_key(header::IF_MATCH) || headers.contains_key(header::IF_UNMODIFIED_SINCE)
 }
 
 /// Whether the request's `Cache-Control` carries `directive`.
@@ -255,36 +236,17 @@ pub fn variant_key(url: &str, spec: &VarySpec, headers: &HeaderMap) -> String {
     key
 }
 
-/// The request headers kept with a stored response: those `Vary` names (to match later
-/// requests), `Cache-Control`, and `Authorization` as a marker only (RFC 9111 3.5 is
-/// decided by its presence; its value is never stored unless `Vary` names it).
+/// The request headers kept with a stored response: only those its `Vary` names (the key
+/// already selects by them; cookies and credentials are never stored unless `Vary` names
+/// them).
 pub fn stored_request_headers(headers: &HeaderMap, vary: &[HeaderName]) -> HeaderMap {
-    let mut kept = HeaderMap::with_capacity(vary.len() + 2);
+    let mut kept = HeaderMap::with_capacity(vary.len());
     for name in vary {
         for v in headers.get_all(name) {
             kept.append(name.clone(), v.clone());
         }
     }
-    if headers.contains_key(header::AUTHORIZATION) && !kept.contains_key(header::AUTHORIZATION) {
-        kept.insert(header::AUTHORIZATION, HeaderValue::from_static("[present]"));
-    }
-    for v in headers.get_all(header::CACHE_CONTROL) {
-        kept.append(header::CACHE_CONTROL, v.clone());
-    }
     kept
-}
-
-/// Approximate bytes of a header block in memory.
-pub fn head_size(headers: &HeaderMap) -> usize {
-    headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 32)
-        .sum()
-}
-
-/// Whether the response carries a validator (so a stale copy can be revalidated).
-pub fn has_validator(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED)
 }
 
 #[cfg(test)]
@@ -331,6 +293,7 @@ mod tests {
                 false,
             ),
             (&[("if-modified-since", "garbage")], false),
+            (&[("if-none-match", "W/\"v1\", \"x\"")], true),
             (&[], false),
         ];
         for (request, expected) in cases {
@@ -371,10 +334,9 @@ mod tests {
             ("cache-control", "max-age=5"),
         ]);
         let kept = stored_request_headers(&h, &[HeaderName::from_static("accept-language")]);
-        assert_eq!(kept["authorization"], "[present]");
         assert_eq!(kept["accept-language"], "de");
-        assert!(!kept.contains_key("cookie"));
-        assert_eq!(kept.len(), 3);
+        assert!(!kept.contains_key("cookie") && !kept.contains_key("authorization"));
+        assert_eq!(kept.len(), 1);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Stages 6 and 9: an RFC 9111 shared cache for plain-HTTP GET and HEAD responses — the
 //! store (a byte-weighted memory tier and an optional disk tier), request collapsing, and
-//! invalidation. Freshness and cacheability rules come from `http-cache-semantics` in
-//! shared-cache mode; the pipeline that uses them is `proxy::cache_stage`.
+//! invalidation. The rules for one stored response are in [`policy`]; what the cache does
+//! for one request, before and after its one exchange with the origin, is [`plan`]; the
+//! pipeline stage that runs it is `proxy::cache_stage`.
 //!
 //! A URL maps to one *slot*: either the stored response, or, when the origin sent `Vary`, a
 //! [`VarySpec`] naming the request headers that select a variant, each variant stored under
@@ -17,6 +18,9 @@
 
 pub mod disk;
 pub mod key;
+pub mod plan;
+pub mod policy;
+pub mod range;
 pub mod tee;
 
 use std::collections::HashMap;
@@ -27,7 +31,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use bytesize::ByteSize;
 use http::{HeaderMap, HeaderName};
-use http_cache_semantics::{CacheOptions, CachePolicy};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -75,13 +78,18 @@ pub enum Outcome {
     Miss,
     /// A stale stored response, validated by a 304 and served.
     Revalidated,
+    /// A stale stored response served without validation: within `stale-while-revalidate`
+    /// (revalidated in the background), or because the origin failed (`stale-if-error`,
+    /// or no answer at all).
+    Stale,
     /// Not a cacheable request or response (methods, Range, no-store, private, ...).
     Uncacheable,
 }
 
-/// One stored response: its policy (request + response heads) and the whole body.
+/// One stored response: its policy (response head, timing, selecting request headers) and
+/// the whole body.
 pub struct Entry {
-    pub policy: CachePolicy,
+    pub policy: policy::Policy,
     pub body: Bytes,
     /// Memory-tier weight: body plus an estimate of the heads.
     weight: u32,
@@ -137,7 +145,9 @@ pub struct Cache {
     memory: moka::sync::Cache<Arc<str>, Slot>,
     disk: Option<disk::Disk>,
     flights: Mutex<HashMap<Arc<str>, watch::Receiver<bool>>>,
-    options: CacheOptions,
+    /// Background revalidations in flight (one per key).
+    revalidations: Mutex<std::collections::HashSet<Arc<str>>>,
+    heuristic_fraction: f32,
     max_object_size: u64,
     collapse_wait: Duration,
     generation: AtomicU64,
@@ -208,6 +218,7 @@ impl Outcome {
             Outcome::Hit => "hit",
             Outcome::Miss => "miss",
             Outcome::Revalidated => "revalidated",
+            Outcome::Stale => "stale",
             Outcome::Uncacheable => "uncacheable",
         }
     }
@@ -216,9 +227,9 @@ impl Outcome {
 // === impl Entry ===
 
 impl Entry {
-    /// `head_bytes` estimates the stored heads (see [`key::head_size`]).
-    pub fn new(policy: CachePolicy, body: Bytes, head_bytes: usize) -> Entry {
-        let weight = (body.len() + head_bytes + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32;
+    pub fn new(policy: policy::Policy, body: Bytes) -> Entry {
+        let weight =
+            (body.len() + policy.head_size() + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32;
         Entry {
             policy,
             body,
@@ -226,8 +237,8 @@ impl Entry {
         }
     }
 
-    /// The same body under a refreshed policy (after a 304).
-    pub fn refreshed(&self, policy: CachePolicy) -> Entry {
+    /// The same body under a refreshed policy (after a 304 or a HEAD).
+    pub fn refreshed(&self, policy: policy::Policy) -> Entry {
         Entry {
             policy,
             body: self.body.clone(),
@@ -267,11 +278,6 @@ impl Cache {
                 config.disk_size.as_u64(),
             )?)
         };
-        let options = CacheOptions {
-            shared: true,
-            cache_heuristic: config.heuristic_fraction,
-            ..CacheOptions::default()
-        };
         // Vary generations must not repeat across restarts (the disk tier keeps old ones).
         let start = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -281,15 +287,17 @@ impl Cache {
             memory,
             disk,
             flights: Mutex::new(HashMap::new()),
-            options,
+            revalidations: Mutex::new(Default::default()),
+            heuristic_fraction: config.heuristic_fraction,
             max_object_size: config.max_object_size.as_u64(),
             collapse_wait: config.collapse_wait,
             generation: AtomicU64::new(start),
         }))
     }
 
-    pub fn options(&self) -> CacheOptions {
-        self.options
+    /// Heuristic freshness: this fraction of the time since `Last-Modified`.
+    pub fn heuristic_fraction(&self) -> f32 {
+        self.heuristic_fraction
     }
 
     pub fn max_object_size(&self) -> u64 {

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http_cache_semantics::CachePolicy;
 
+use super::policy::Policy;
 use super::{Cache, Entry, FlightGuard, StoreTarget};
 
 /// The storing half of a response body (boxed inside `ClientBody`, present only on
@@ -15,8 +15,7 @@ use super::{Cache, Entry, FlightGuard, StoreTarget};
 pub struct Tee {
     cache: Arc<Cache>,
     target: StoreTarget,
-    policy: CachePolicy,
-    head_bytes: usize,
+    policy: Policy,
     chunks: Vec<Bytes>,
     size: u64,
     /// Woken (by drop) once the entry is stored or abandoned.
@@ -29,15 +28,13 @@ impl Tee {
     pub fn new(
         cache: Arc<Cache>,
         target: StoreTarget,
-        policy: CachePolicy,
-        head_bytes: usize,
+        policy: Policy,
         flight: Option<FlightGuard>,
     ) -> Box<Tee> {
         Box::new(Tee {
             cache,
             target,
             policy,
-            head_bytes,
             chunks: Vec::new(),
             size: 0,
             flight,
@@ -74,11 +71,10 @@ impl Tee {
             cache,
             target,
             policy,
-            head_bytes,
             flight,
             ..
         } = *self;
-        cache.insert(&target, Arc::new(Entry::new(policy, body, head_bytes)));
+        cache.insert(&target, Arc::new(Entry::new(policy, body)));
         drop(flight);
     }
 }

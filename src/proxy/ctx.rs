@@ -173,6 +173,21 @@ impl RequestCtx {
         record
     }
 
+    /// The context of a background revalidation the cache starts while serving this
+    /// request: the same client, identity, decision and target, a request id of its own,
+    /// and no access-log line (the client's request has its own line).
+    pub fn background(&self) -> RequestCtx {
+        let mut record = self.record.clone();
+        record.request_id = next_request_id();
+        RequestCtx {
+            record,
+            started: Instant::now(),
+            bytes_from_client: Arc::new(AtomicU64::new(0)),
+            metrics: self.metrics.clone(),
+            slot: None,
+        }
+    }
+
     /// The context of a tunnel, which logs when it closes. This context gives up its log
     /// slot, so the `200` that opened the tunnel writes no line of its own.
     pub fn detach_tunnel(&mut self) -> RequestCtx {

@@ -33,6 +33,18 @@ impl Exchange<'_> {
         &mut self,
         req: Request<Incoming>,
     ) -> Result<Response<ClientBody>, ProxyError> {
+        let (parts, body) = req.into_parts();
+        let body = UpstreamBody::from_client(body, self.ctx.bytes_from_client.clone());
+        self.forward_parts(parts, body).await
+    }
+
+    /// [`Exchange::forward`] for a request head and body of Kalmar's own making (the
+    /// cache's background revalidation sends one with no body).
+    pub async fn forward_parts(
+        &mut self,
+        parts: http::request::Parts,
+        body: UpstreamBody,
+    ) -> Result<Response<ClientBody>, ProxyError> {
         let connector = self.connector();
         let dst = self.dest();
         let guard = |ip| self.snap.policy.check_address(&self.decision, ip);
@@ -40,7 +52,7 @@ impl Exchange<'_> {
         let opened = connector.http(&self.route, &dst, &guard, &mut path).await;
         self.ctx.set_path(&path);
         let mut conn = opened?;
-        let mut request = self.upstream_request(req, conn.parent())?;
+        let mut request = self.upstream_request(parts, body, conn.parent())?;
 
         // A pooled connection may have been closed by its peer a moment ago; hyper hands the
         // request back when it was not sent, and then a fresh connection is tried.
@@ -99,10 +111,10 @@ impl Exchange<'_> {
     /// origin, absolute-form (with the parent's credentials) to a parent.
     fn upstream_request(
         &self,
-        req: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: UpstreamBody,
         parent: Option<&std::sync::Arc<Parent>>,
     ) -> Result<Request<UpstreamBody>, ProxyError> {
-        let (mut parts, body) = req.into_parts();
         let rewrite = RequestRewrite {
             via: self.snap.via.as_ref(),
             forwarded_for: self.snap.config.proxy.x_forwarded_for,
@@ -120,10 +132,7 @@ impl Exchange<'_> {
             None => self.target.origin_form(),
         };
         parts.version = Version::HTTP_11;
-        let mut request = Request::from_parts(
-            parts,
-            UpstreamBody::from_client(body, self.ctx.bytes_from_client.clone()),
-        );
+        let mut request = Request::from_parts(parts, body);
         if parent.is_some() {
             set_parent_auth(&mut request, parent.map(|p| &**p));
         }
