@@ -1,6 +1,7 @@
 //! Socket plumbing below both the server and the proxy: the client stream with the bytes
 //! already read while checking its first request head (and Kalmar's own answer in place of
-//! hyper's to a later unparsable request), and a readiness-driven write loop.
+//! hyper's to a later unparsable request), the interim (1xx) responses it writes ahead of
+//! hyper's, and a readiness-driven write loop.
 
 use std::io;
 use std::pin::Pin;
@@ -8,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -31,7 +33,28 @@ pub struct ClientIo {
     replacement: Option<Bytes>,
     /// hyper's own answer is being swallowed (the connection ends after it).
     replaced: bool,
+    /// Interim bytes taken from `state.interim`, not yet written.
+    pending: Bytes,
 }
+
+/// Interim responses (102 Processing, 103 Early Hints) from the origin for the client's
+/// request in flight. hyper's server cannot send a 1xx itself, so the connection's
+/// [`ClientIo`] writes these bytes before the next bytes hyper writes, which are the head
+/// of the final response: the client sees them in order, just before the final response.
+/// The server puts the connection's one in every request's extensions; the forward step
+/// fills it.
+#[derive(Clone, Default, Debug)]
+pub struct Interim(Arc<Mutex<BytesMut>>);
+
+/// Fields never copied into a relayed interim response (hop-by-hop, RFC 9110 7.6.1).
+const INTERIM_SKIPPED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
 
 /// What the server, the request path and the client stream share about one connection.
 #[derive(Debug)]
@@ -43,12 +66,49 @@ pub struct ConnState {
     rejected: Mutex<Option<ProxyError>>,
     /// `server.max_request_header_size`, to word a 431.
     header_limit: usize,
+    /// The origin's 1xx answers for the request in flight.
+    pub interim: Interim,
 }
 
 /// Holds one response of Kalmar's as in progress on its connection.
 #[derive(Debug)]
 pub struct ActiveResponse {
     state: Arc<ConnState>,
+}
+
+// === impl Interim ===
+
+impl Interim {
+    /// Queue one interim response for the client. 100 Continue is hyper's own business
+    /// (it answers `Expect` itself) and 101 is never relayed.
+    pub fn push(&self, status: StatusCode, headers: &HeaderMap) {
+        if !status.is_informational()
+            || status == StatusCode::CONTINUE
+            || status == StatusCode::SWITCHING_PROTOCOLS
+        {
+            return;
+        }
+        let mut out = self.0.lock();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.extend_from_slice(b" ");
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in headers {
+            if INTERIM_SKIPPED.contains(&name.as_str()) {
+                continue;
+            }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    fn take(&self) -> Bytes {
+        self.0.lock().split().freeze()
+    }
 }
 
 // === impl ConnState ===
@@ -59,6 +119,7 @@ impl ConnState {
             active: AtomicUsize::new(0),
             rejected: Mutex::new(None),
             header_limit,
+            interim: Interim::default(),
         })
     }
 
@@ -92,6 +153,24 @@ impl ClientIo {
             state,
             replacement: None,
             replaced: false,
+            pending: Bytes::new(),
+        }
+    }
+
+    /// Write the queued interim responses, if any, before anything else.
+    fn poll_interim(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.pending.is_empty() {
+                self.pending = self.state.interim.take();
+                if self.pending.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pending.advance(n);
         }
     }
 
@@ -188,6 +267,7 @@ impl AsyncWrite for ClientIo {
             ready!(this.poll_replacement(cx))?;
             return Poll::Ready(Ok(buf.len()));
         }
+        ready!(this.poll_interim(cx))?;
         Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
@@ -204,6 +284,7 @@ impl AsyncWrite for ClientIo {
             ready!(this.poll_replacement(cx))?;
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
+        ready!(this.poll_interim(cx))?;
         Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 

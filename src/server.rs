@@ -109,7 +109,9 @@ async fn serve_connection(
     };
     let service = {
         let proxy = proxy.clone();
-        service_fn(move |req| {
+        service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            // Where the forward step puts the origin's 1xx answers for this request.
+            req.extensions_mut().insert(conn_info.state.interim.clone());
             let proxy = proxy.clone();
             let conn_info = conn_info.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, &conn_info).await) }

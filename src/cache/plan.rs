@@ -133,8 +133,8 @@ impl Cache {
         useful.then_some((policy, vary))
     }
 
-    /// After a 304 to a revalidation of `entry`: the refreshed entry (stored again when
-    /// still storable), or None when the 304 names another response (the entry is dropped).
+    /// After a 304 to a revalidation of `entry`: the refreshed entry, stored again while
+    /// it is still storable (a 304 may add `no-store`: then it is served once and dropped).
     #[allow(clippy::too_many_arguments)]
     pub fn refresh(
         &self,
@@ -145,24 +145,16 @@ impl Cache {
         response: &HeaderMap,
         sent: SystemTime,
         received: SystemTime,
-    ) -> Option<Arc<Entry>> {
-        match entry.policy.not_modified(response, sent, received) {
-            Some(policy) => {
-                let storable =
-                    policy::storable(&Method::GET, request, policy.status(), policy.headers());
-                let refreshed = Arc::new(entry.refreshed(policy));
-                if storable {
-                    self.replace(url, lookup, refreshed.clone());
-                } else {
-                    self.invalidate(url);
-                }
-                Some(refreshed)
-            }
-            None => {
-                self.invalidate(url);
-                None
-            }
+    ) -> Arc<Entry> {
+        let policy = entry.policy.not_modified(response, sent, received);
+        let storable = policy::storable(&Method::GET, request, policy.status(), policy.headers());
+        let refreshed = Arc::new(entry.refreshed(policy));
+        if storable {
+            self.replace(url, lookup, refreshed.clone());
+        } else {
+            self.invalidate(url);
         }
+        refreshed
     }
 
     /// After the origin answered a HEAD: a 200 refreshes the stored GET response it found
@@ -300,8 +292,8 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn refresh_keeps_or_drops_the_entry() {
+    #[tokio::test]
+    async fn refresh_keeps_or_drops_the_entry() {
         let cache = Cache::new(&CacheConfig::default()).unwrap();
         let url = "http://a/b";
         let e = entry("no-cache", true);
@@ -313,21 +305,15 @@ mod tests {
         let mut ok = HeaderMap::new();
         ok.insert("etag", HeaderValue::from_static("\"v1\""));
         ok.insert("x-new", HeaderValue::from_static("1"));
-        let refreshed = cache
-            .refresh(url, &found, &e, &none, &ok, now, now)
-            .unwrap();
+        let refreshed = cache.refresh(url, &found, &e, &none, &ok, now, now);
         assert_eq!(refreshed.policy.headers()["x-new"], "1");
-        let mut other = HeaderMap::new();
-        other.insert("etag", HeaderValue::from_static("\"v2\""));
-        assert!(
-            cache
-                .refresh(url, &found, &e, &none, &other, now, now)
-                .is_none()
-        );
-        assert!(
-            !cache.invalidate(url),
-            "a mismatching 304 dropped the entry"
-        );
+        let stored = cache.lookup(url, &none).await.entry.unwrap();
+        assert_eq!(stored.policy.headers()["x-new"], "1");
+        // a 304 that says no-store: served this once, then gone
+        let mut no_store = HeaderMap::new();
+        no_store.insert("cache-control", HeaderValue::from_static("no-store"));
+        cache.refresh(url, &found, &e, &none, &no_store, now, now);
+        assert!(cache.lookup(url, &none).await.entry.is_none());
 
         let claim = cache.claim_revalidation(url).unwrap();
         assert!(cache.claim_revalidation(url).is_none());

@@ -310,17 +310,6 @@ impl Exchange<'_> {
             );
             // The 304's (empty) body is done: dropping it returns the connection.
             drop(response);
-            let Some(refreshed) = refreshed else {
-                return Err(ProxyError::BadResponse {
-                    addr: self
-                        .ctx
-                        .record
-                        .resolved
-                        .unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
-                    reason: "304 Not Modified for a validator the stored response does not have"
-                        .to_owned(),
-                });
-            };
             let served = Served::new(&refreshed, &request_headers, head, &cond);
             let status = Status::Forwarded {
                 fwd,

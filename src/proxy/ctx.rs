@@ -185,6 +185,8 @@ impl RequestCtx {
             bytes_from_client: Arc::new(AtomicU64::new(0)),
             metrics: self.metrics.clone(),
             slot: None,
+            // Not a response on the client's connection.
+            _active: None,
         }
     }
 

@@ -23,6 +23,7 @@ use super::headers::{RequestRewrite, rewrite_request, rewrite_response};
 use crate::connect::upstream::{Parent, is_parent_refusal};
 use crate::connect::{HttpConn, Path};
 use crate::error::ProxyError;
+use crate::net::Interim;
 
 // === impl Exchange ===
 
@@ -132,7 +133,14 @@ impl Exchange<'_> {
             None => self.target.origin_form(),
         };
         parts.version = Version::HTTP_11;
+        let interim = parts.extensions.get::<Interim>().cloned();
         let mut request = Request::from_parts(parts, body);
+        if let Some(interim) = interim {
+            // The origin's 1xx answers go to the client ahead of the final response.
+            hyper::ext::on_informational(&mut request, move |res| {
+                interim.push(res.status(), res.headers())
+            });
+        }
         if parent.is_some() {
             set_parent_auth(&mut request, parent.map(|p| &**p));
         }
