@@ -181,9 +181,32 @@ fn delta_seconds(v: &str) -> Option<u64> {
     Some(v.parse::<u64>().unwrap_or(DELTA_MAX).min(DELTA_MAX))
 }
 
-/// An HTTP-date (IMF-fixdate, RFC 850 or asctime); None for anything else.
+/// An HTTP-date (IMF-fixdate, RFC 850 or asctime); None for anything else. Names in the
+/// wrong case (`thu`, `AUG`, `gmt`) are accepted, as most caches do; the layout is not
+/// relaxed (two spaces where one belongs make it invalid).
 pub fn http_date(v: &HeaderValue) -> Option<SystemTime> {
-    httpdate::parse_http_date(v.to_str().ok()?.trim()).ok()
+    let v = v.to_str().ok()?.trim();
+    httpdate::parse_http_date(v).ok().or_else(|| {
+        let mut canonical = String::with_capacity(v.len());
+        let mut word_start = true;
+        for c in v.chars() {
+            if c.is_ascii_alphabetic() {
+                canonical.push(if word_start {
+                    c.to_ascii_uppercase()
+                } else {
+                    c.to_ascii_lowercase()
+                });
+                word_start = false;
+            } else {
+                canonical.push(c);
+                word_start = true;
+            }
+        }
+        let canonical = canonical.replace("Gmt", "GMT");
+        (canonical != v)
+            .then(|| httpdate::parse_http_date(&canonical).ok())
+            .flatten()
+    })
 }
 
 /// The single value of a field that must appear once; None when absent or repeated.
@@ -679,6 +702,11 @@ mod tests {
             (&[("date", &d), ("expires", &later)], 100),
             (&[("date", &d), ("expires", &later), ("expires", &later)], 0),
             (&[("date", &d), ("expires", "0")], 0),
+            // names in the wrong case are still the date
+            (
+                &[("date", &d), ("expires", "tue, 14 NOV 2023 22:31:40 gmt")],
+                100,
+            ),
             // two spaces: not an HTTP-date, so already expired
             (
                 &[("date", &d), ("expires", "Thu, 18  Aug  2050 02:01:18 GMT")],

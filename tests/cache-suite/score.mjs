@@ -32,8 +32,13 @@ const results = JSON.parse(fs.readFileSync(args.results, 'utf8'))
 
 // The group a forward proxy is not asked to follow (CDN-Cache-Control), scored apart.
 const SEPARATE = 'cdn-cache-control'
+// Checks whose premise RFC 9111 rules out, so they fail in setup for a conforming cache
+// (and for every cache on cache-tests.fyi): counted, listed, not a failure of the run.
+const PREMISE_NOT_RFC = {
+  'head-410-update': 'assumes a 410 answer to HEAD refreshes the stored 200 GET; RFC 9111 4.3.5 updates only from a 200'
+}
 const kindOf = new Map(Object.entries(resultTypes).map(([name, t]) => [t, name]))
-const empty = () => ({ pass: 0, fail: 0, optional_fail: 0, yes: 0, no: 0, setup_fail: 0, harness_fail: 0, dependency_fail: 0, retry: 0, untested: 0 })
+const empty = () => ({ pass: 0, fail: 0, optional_fail: 0, yes: 0, no: 0, setup_fail: 0, harness_fail: 0, dependency_fail: 0, retry: 0, untested: 0, premise_not_rfc: 0 })
 
 const groups = {}
 const failures = []
@@ -42,7 +47,11 @@ for (const suite of suites) {
   for (const test of suite.tests) {
     const kind = kindOf.get(determineTestResult(suites, test.id, results))
     counts[kind]++
-    if (['fail', 'setup_fail', 'harness_fail', 'retry'].includes(kind)) {
+    if (kind === 'setup_fail' && test.id in PREMISE_NOT_RFC) {
+      counts.setup_fail--
+      counts.premise_not_rfc++
+      failures.push({ group: suite.id, id: test.id, kind: 'premise', detail: PREMISE_NOT_RFC[test.id] })
+    } else if (['fail', 'setup_fail', 'harness_fail', 'retry'].includes(kind)) {
       const detail = Array.isArray(results[test.id]) ? results[test.id][1] : ''
       failures.push({ group: suite.id, id: test.id, kind, detail })
     }
@@ -73,11 +82,8 @@ const summary = {
 
 const problems = []
 const baseline = args.baseline && !args.record ? JSON.parse(fs.readFileSync(args.baseline, 'utf8')) : null
-// Until the recorded figures reach zero, no more failures than recorded.
-const allowedFailures = baseline?.required_failures ?? 0
-const allowedSetup = baseline?.setup_failures ?? 0
-if (summary.required_failures > allowedFailures) problems.push(`${summary.required_failures} required test(s) failed outside ${SEPARATE} (recorded: ${allowedFailures})`)
-if (summary.setup_failures > allowedSetup) problems.push(`${summary.setup_failures} test(s) failed in setup or the harness (recorded: ${allowedSetup})`)
+if (summary.required_failures > 0) problems.push(`${summary.required_failures} required test(s) failed outside ${SEPARATE}`)
+if (summary.setup_failures > 0) problems.push(`${summary.setup_failures} test(s) failed in setup or the harness`)
 
 if (args['access-log']) {
   // Every test makes one PUT /config, its requests, and (once they all answered) one
