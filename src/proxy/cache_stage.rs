@@ -1,14 +1,16 @@
-//! Stages 6 and 9 for plain HTTP: answer from the cache, revalidate, or forward and store.
-//! Runs after `authorize`, so a denied client never reaches a stored response.
+//! Stages 6 and 9 for plain HTTP, around one exchange: decide a [`Plan`] from the stored
+//! response (`cache::plan`), send at most one request to the origin, then one
+//! after-response step. Runs after `authorize`, so a denied client never reaches a stored
+//! response.
 //!
-//! | request                                   | what happens                                   | log / `Cache-Status`              |
-//! |-------------------------------------------|------------------------------------------------|-----------------------------------|
-//! | GET/HEAD, fresh entry                     | served from the cache (304 if the client's own conditional matches) | hit / `kalmar; hit` |
-//! | GET, stale entry with a validator         | If-None-Match / If-Modified-Since to the origin; 304 refreshes and serves the entry | revalidated / `fwd=stale; fwd-status=304` |
-//! | GET/HEAD, no entry                        | forwarded; GET responses stored while they stream; concurrent identical misses wait for the first | miss / `fwd=miss[; stored]` |
-//! | Range, If-Match, If-Unmodified-Since, If-Range | forwarded untouched                       | uncacheable / `fwd=bypass`        |
-//! | any other method                          | forwarded; a 2xx/3xx answer to an unsafe one invalidates the URL, `Location`, `Content-Location` | uncacheable / `fwd=method` |
-//! | `Cache-Control: only-if-cached`, no usable entry | 504 `not-cached`                        | –                                 |
+//! | plan | request to the origin | after it | log / `Cache-Status` |
+//! |---|---|---|---|
+//! | `Hit` (fresh, or the client's `max-stale`) | none | – (304 / 206 / 416 from the stored response) | hit / `kalmar; hit` |
+//! | `Hit` within `stale-while-revalidate` | one in a background task | it refreshes or replaces the entry | stale / `hit; detail=stale-while-revalidate` |
+//! | `Revalidate` (stale or asked, with validators) | with the stored validators | 304: update, serve the stored response; 5xx/none: stale if allowed; else store the answer | revalidated / `fwd=stale; fwd-status=304` |
+//! | `Miss` | as the client sent it; concurrent GET misses collapse | GET: store while streaming; HEAD: update or drop the stored GET | miss / `fwd=miss[; stored]` |
+//! | `NotCached` (`only-if-cached`) | none | 504 `not-cached` | – |
+//! | other methods; If-Match, If-Unmodified-Since; an unanswered Range | as sent | unsafe 2xx/3xx invalidate the URL, `Location`, `Content-Location` | uncacheable / `fwd=method`, `fwd=bypass` |
 //!
 //! ```text
 //! GET http://example.com/a  ->  (stale, ETag "v1")  ->  GET /a  If-None-Match: "v1"
