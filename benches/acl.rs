@@ -102,6 +102,7 @@ fn rules() -> Vec<RuleConfig> {
     let selector = |ns: usize| SelectorConfig {
         match_labels: labels(&[("namespace", format!("ns-{ns}"))]),
         match_expressions: vec![],
+        ..Default::default()
     };
     let mut i = 0;
     while out.len() < RULES - 1 {
@@ -176,6 +177,7 @@ fn rules() -> Vec<RuleConfig> {
         from: SelectorConfig {
             match_labels: labels(&[("network-access-external-ips", "true".into())]),
             match_expressions: vec![],
+            ..Default::default()
         },
         to: ToConfig::default(),
         allow_cidrs: vec![],

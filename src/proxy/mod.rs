@@ -102,7 +102,7 @@ impl Proxy {
         let client_ip = ctx.client_ip();
 
         // 2. identify
-        let identity = snap.policy.identify(client_ip);
+        let identity = self.state.identify(snap, client_ip).await;
         ctx.set_identity(&identity);
 
         // 3. rate limit
