@@ -1,7 +1,8 @@
 //! The direct lookup for a client the index does not hold yet: a pod can send before its watch
 //! event arrives. One `GET /api/v1/pods?fieldSelector=status.podIP=<ip>`, bounded by
-//! [`DIRECT_TIMEOUT`], at most [`DIRECT_RATE_PER_SECOND`] per second in all, answers (found or
-//! not) kept for [`DIRECT_NEGATIVE_TTL`], concurrent lookups of one address sharing one request.
+//! [`DIRECT_TIMEOUT`], at most [`DIRECT_RATE_PER_SECOND`] per second in all; "no such pod" is
+//! kept for [`DIRECT_NEGATIVE_TTL`]; concurrent lookups of one address share one request. A
+//! found pod is not cached: the watch follows it from there.
 //!
 //! The field selector matches a pod's primary address (`status.podIP`): the secondary family of
 //! a dual-stack pod is known from the watch only.
@@ -26,7 +27,7 @@ use crate::acl::{
 pub const DIRECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Direct lookups per second, for all clients together (a burst of as many is allowed).
 pub const DIRECT_RATE_PER_SECOND: u32 = 20;
-/// How long a direct answer (found or not) is reused.
+/// How long a "no such pod" answer is reused.
 pub const DIRECT_NEGATIVE_TTL: Duration = Duration::from_secs(2);
 
 pub(super) struct DirectLookup {
@@ -100,7 +101,13 @@ impl DirectLookup {
             })
             .await;
         match answer {
-            Ok(found) => found,
+            Ok(Some(found)) => {
+                // Only "not found" is remembered: a found pod is the watch's to follow (it may
+                // finish or change labels before its events arrive).
+                self.cache.invalidate(&ip).await;
+                Some(found)
+            }
+            Ok(None) => None,
             Err(kind) => {
                 self.metrics.direct(*kind);
                 None

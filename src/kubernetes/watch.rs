@@ -195,6 +195,11 @@ pub(super) async fn run(inner: Arc<Inner>, settings: Arc<Settings>) {
                 dirty = false;
             }
             _ = age_tick.tick() => {
+                // A healthy watch is in sync now (bookmarks keep it alive without events).
+                let now = Instant::now();
+                for h in health.iter_mut().filter(|h| h.ok) {
+                    h.last_ok = now;
+                }
                 let stale = health.iter().filter(|h| !h.ok).map(|h| h.last_ok).min();
                 inner.metrics.sync_age(stale.map_or(0, |t| t.elapsed().as_secs()));
             }
@@ -218,12 +223,14 @@ where
         .boxed()
 }
 
+/// Metrics first, then the index: whoever sees the new index sees its counts.
 fn publish(inner: &Inner, fold: &mut Fold, conflicts_reported: &mut u64) {
-    inner.index.store(Arc::new(fold.index()));
+    let index = fold.index();
     inner.metrics.counts(&fold.counts());
     let seen = fold.conflicts_seen();
     inner.metrics.conflicts(seen - *conflicts_reported);
     *conflicts_reported = seen;
+    inner.index.store(Arc::new(index));
 }
 
 /// `Event<K>` → `Event<Object>`.
