@@ -363,6 +363,10 @@ async fn pods_are_identified_live_through_the_proxy() {
     });
     assert_eq!(line["source"], "proj/new");
     assert_eq!(line["labels"]["app"], "worker");
+    assert_eq!(line["pod"], "proj/new");
+    assert_eq!(line["namespace"], "proj");
+    assert_eq!(line["service_account"], "default");
+    assert_eq!(line["node"], "node-a");
 
     // A Completed pod keeps its podIP but no longer owns it.
     let mut done = pod("proj", "job", "127.0.0.24", external());
