@@ -1,4 +1,5 @@
-//! ACL benches: source lookup with 100k prefixes, and a full decision with 10k rules and 100k sources.
+//! ACL benches: source lookup with 100k prefixes, the live pod index with 50k pods (the identify
+//! stage's lookup with `[kubernetes]` on), and a full decision with 10k rules and 100k sources.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -102,6 +103,7 @@ fn rules() -> Vec<RuleConfig> {
     let selector = |ns: usize| SelectorConfig {
         match_labels: labels(&[("namespace", format!("ns-{ns}"))]),
         match_expressions: vec![],
+        ..Default::default()
     };
     let mut i = 0;
     while out.len() < RULES - 1 {
@@ -176,6 +178,7 @@ fn rules() -> Vec<RuleConfig> {
         from: SelectorConfig {
             match_labels: labels(&[("network-access-external-ips", "true".into())]),
             match_expressions: vec![],
+            ..Default::default()
         },
         to: ToConfig::default(),
         allow_cidrs: vec![],
@@ -226,6 +229,54 @@ fn bench_identity(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) & 4095;
             black_box(policy.identify(black_box(lookups[i])))
+        })
+    });
+}
+
+/// 50,000 running pods in 50 namespaces, groups of 25 sharing a label set (a ReplicaSet), folded
+/// the way the watcher folds them.
+fn pod_index() -> (kalmar::acl::WorkloadIndex, Vec<IpAddr>) {
+    use kalmar::kubernetes::{Fold, Object, PodObject, Scope};
+    use kube::runtime::watcher::Event;
+    let mut fold = Fold::new(vec![Scope::Pods(None), Scope::Namespaces, Scope::Nodes]);
+    for w in 0..3 {
+        fold.apply(w, Event::Init);
+    }
+    let mut ips = Vec::with_capacity(50_000);
+    for i in 0..50_000u32 {
+        let ip = IpAddr::V4(Ipv4Addr::from(0x0A01_0000u32 + i));
+        let pod: PodObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"uid": format!("uid-{i}"), "namespace": format!("ns-{}", i % 50),
+                         "name": format!("pod-{i}"), "resourceVersion": "1",
+                         "labels": {"app": format!("app-{}", i / 25), "pod-template-hash": format!("h{}", i / 25),
+                                    "network-access-external-ips": "true"}},
+            "spec": {"serviceAccountName": "default", "nodeName": format!("node-{}", i % 20)},
+            "status": {"phase": "Running", "podIP": ip.to_string()}
+        }))
+        .expect("pod");
+        fold.apply(0, Event::InitApply(Object::Pod(pod)));
+        ips.push(ip);
+    }
+    for w in 0..3 {
+        fold.apply(w, Event::InitDone);
+    }
+    (fold.index(), ips)
+}
+
+fn bench_pod_index(c: &mut Criterion) {
+    let sources = sources();
+    let policy = policy(&[], &sources);
+    let (index, ips) = pod_index();
+    assert_eq!(index.len(), 50_000);
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let lookups: Vec<IpAddr> = (0..4096).map(|_| ips[rng.below(ips.len())]).collect();
+    let mut i = 0;
+    // The whole identify stage for a pod: one index probe, then (for a hit) no prefix lookup.
+    c.bench_function("kubernetes_identity_lookup_50k_pods", |b| {
+        b.iter(|| {
+            i = (i + 1) & 4095;
+            let ip = black_box(lookups[i]);
+            black_box(policy.identify_with(ip, index.get(ip)))
         })
     });
 }
@@ -317,5 +368,5 @@ fn bench_decision(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_identity, bench_decision);
+criterion_group!(benches, bench_identity, bench_pod_index, bench_decision);
 criterion_main!(benches);

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod config;
 pub mod connect;
 pub mod error;
+pub mod kubernetes;
 pub mod limit;
 pub mod metrics;
 pub mod net;
@@ -118,9 +119,13 @@ pub fn start(
         .enable_all()
         .build()
         .map_err(io_err("control runtime"))?;
-    let snapshot = {
+    let (snapshot, kubernetes) = {
         let _context = control_rt.enter();
-        Snapshot::build(config)?
+        let kubernetes = Arc::new(kubernetes::Kubernetes::new(
+            control_rt.handle().clone(),
+            &metrics,
+        ));
+        (Snapshot::build(config)?, kubernetes)
     };
     // The cache outlives reloads: it is built once, from the configuration at start.
     let cache = if snapshot.config.cache.enabled {
@@ -128,7 +133,7 @@ pub fn start(
     } else {
         None
     };
-    let state = SharedState::new(snapshot, source);
+    let state = SharedState::new(snapshot, source, kubernetes)?;
     let tracker = Tracker::new();
     let proxy = Arc::new(Proxy {
         state,
@@ -213,6 +218,10 @@ async fn run_control(proxy: Arc<Proxy>, admin_listener: std::net::TcpListener) {
     let state = admin::AdminState {
         metrics: proxy.metrics.clone(),
         ready: proxy.tracker.ready.clone(),
+        gate: Some({
+            let kubernetes = proxy.state.kubernetes.clone();
+            Arc::new(move || (!kubernetes.is_synced()).then_some("kubernetes index not synced yet"))
+        }),
         reload: {
             let proxy = proxy.clone();
             Arc::new(move || {
@@ -304,7 +313,12 @@ impl ServerHandle {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.proxy.tracker.ready.load(Ordering::Acquire)
+        self.proxy.tracker.ready.load(Ordering::Acquire) && self.proxy.state.kubernetes.is_synced()
+    }
+
+    /// The live pod index (tests, tools).
+    pub fn kubernetes(&self) -> &Arc<kubernetes::Kubernetes> {
+        &self.proxy.state.kubernetes
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -400,12 +414,28 @@ pub async fn explain(
         method: &method,
         protocol: target.protocol,
     };
-    let mut text = snapshot.policy.explain(from, &destination, &resolved);
+    // With `[kubernetes]` on, ask the API who owns the address, as the proxy's index would know.
+    let (identity, note) = if snapshot.config.kubernetes.enabled {
+        match kubernetes::resolve_once(&snapshot.config.kubernetes, from).await {
+            Ok(live) => (snapshot.policy.identify_with(from, live.as_ref()), None),
+            Err(e) => (
+                snapshot.policy.identify(from),
+                Some(format!(
+                    "note         kubernetes lookup failed ({e}); static sources only\n"
+                )),
+            ),
+        }
+    } else {
+        (snapshot.policy.identify(from), None)
+    };
+    let mut text = note.unwrap_or_default()
+        + &snapshot
+            .policy
+            .explain_identity(from, &identity, &destination, &resolved);
     if let Some(sni) = sni {
         if target.protocol != acl::Protocol::Connect {
             return Err("--sni applies to a CONNECT target (host:port)".into());
         }
-        let identity = snapshot.policy.identify(from);
         let decision = snapshot.policy.authorize(&identity, &destination);
         let tunnel = tls::policy::Tunnel {
             policy: &snapshot.policy,

@@ -350,6 +350,7 @@ mod tests {
                     .map(|t| [("team".to_string(), t.to_string())].into())
                     .unwrap_or_default(),
                 match_expressions: vec![],
+                ..Default::default()
             },
             requests_per_second: rps,
             burst,
@@ -415,6 +416,7 @@ mod tests {
                     operator: Operator::DoesNotExist,
                     values: vec![],
                 }],
+                ..Default::default()
             },
             ..limit("unlabelled", None, Some(1.0), Some(1), None)
         }])

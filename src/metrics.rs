@@ -77,6 +77,19 @@ pub mod names {
     pub const ACCESS_LOG_WRITE_ERRORS: &str = "kalmar_access_log_write_errors_total";
     /// Gauge: always 1, labelled with the running version.
     pub const BUILD_INFO: &str = "kalmar_build_info";
+    /// Gauge: objects in the live Kubernetes index, by kind (pod, namespace, node).
+    pub const KUBERNETES_OBJECTS: &str = "kalmar_kubernetes_objects";
+    /// Counter: Kubernetes watch or list failures that restarted a watcher, by kind.
+    pub const KUBERNETES_WATCH_RESTARTS: &str = "kalmar_kubernetes_watch_restarts_total";
+    /// Counter: times an address became claimed by two live pods (it is then attributed to nobody).
+    pub const KUBERNETES_IP_CONFLICTS: &str = "kalmar_kubernetes_ip_conflicts_total";
+    /// Gauge: addresses claimed by two or more live pods now.
+    pub const KUBERNETES_CONFLICTING_IPS: &str = "kalmar_kubernetes_conflicting_ips";
+    /// Gauge: seconds since every Kubernetes watch was last known in sync (0 while healthy).
+    pub const KUBERNETES_SYNC_AGE: &str = "kalmar_kubernetes_sync_age_seconds";
+    /// Counter: direct pod lookups for unindexed clients inside `pod_cidrs`, by result
+    /// (found, not-found, cached, rate-limited, error).
+    pub const KUBERNETES_DIRECT_LOOKUPS: &str = "kalmar_kubernetes_direct_lookups_total";
 }
 
 /// Label names, one place.
@@ -99,6 +112,8 @@ pub mod labels {
     pub const CACHE_STATUS: &str = "status";
     /// Crate version.
     pub const VERSION: &str = "version";
+    /// Kubernetes object kind: pod, namespace, node.
+    pub const KIND: &str = "kind";
 }
 
 /// At most this many distinct values per open-ended label (reasons, parents); the rest count as `other`.

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 
-use crate::acl::{AclConfig, Policy};
+use crate::acl::{AclConfig, Identity, Policy};
 use crate::config::{Config, ConfigError};
 use crate::connect::resolver::Resolver;
 use crate::connect::upstream::Upstream;
+use crate::kubernetes::Kubernetes;
 use crate::limit::Limits;
 use crate::tls::TlsPolicy;
 
@@ -36,10 +37,12 @@ pub struct ConfigSource {
     pub path: Option<PathBuf>,
 }
 
-/// The live snapshot, shared by every worker.
+/// The live snapshot, shared by every worker, and the live pod index beside it (which outlives
+/// snapshots: a reload restarts its watchers only when `[kubernetes]` changed).
 pub struct SharedState {
     current: ArcSwap<Snapshot>,
     pub source: ConfigSource,
+    pub kubernetes: Arc<Kubernetes>,
 }
 
 // === impl Snapshot ===
@@ -53,6 +56,13 @@ impl Snapshot {
         })?;
         let limits = Limits::compile(&config.rate_limits)?;
         let tls = TlsPolicy::compile(&config.tls, &config.destinations.connect_ports)?;
+        config
+            .kubernetes
+            .validate()
+            .map_err(|e| ConfigError::Invalid {
+                key: e.key,
+                message: e.message,
+            })?;
         let resolver = Resolver::new(&config.dns)?;
         let upstream = Upstream::compile(&config.upstream)?;
         let via = config
@@ -95,11 +105,29 @@ impl Snapshot {
 // === impl SharedState ===
 
 impl SharedState {
-    pub fn new(snapshot: Snapshot, source: ConfigSource) -> Arc<SharedState> {
-        Arc::new(SharedState {
+    /// Starts the Kubernetes watchers the snapshot's configuration asks for.
+    pub fn new(
+        snapshot: Snapshot,
+        source: ConfigSource,
+        kubernetes: Arc<Kubernetes>,
+    ) -> Result<Arc<SharedState>, ConfigError> {
+        kubernetes
+            .configure(&snapshot.config.kubernetes)
+            .map_err(|e| ConfigError::Invalid {
+                key: e.key,
+                message: e.message,
+            })?;
+        Ok(Arc::new(SharedState {
             current: ArcSwap::from_pointee(snapshot),
             source,
-        })
+            kubernetes,
+        }))
+    }
+
+    /// Stage 2, identify: live pod → static sources → node → unknown (see
+    /// [`Kubernetes::identify`]).
+    pub async fn identify(&self, snap: &Snapshot, client: std::net::IpAddr) -> Identity {
+        self.kubernetes.identify(&snap.policy, client).await
     }
 
     pub fn load(&self) -> Arc<Snapshot> {
@@ -114,6 +142,12 @@ impl SharedState {
         // reload is not a way to reset a client's budget.
         let previous = self.current.load();
         snapshot.limits = snapshot.limits.inherit(&previous.limits);
+        self.kubernetes
+            .configure(&snapshot.config.kubernetes)
+            .map_err(|e| ConfigError::Invalid {
+                key: e.key,
+                message: e.message,
+            })?;
         let snapshot = Arc::new(snapshot);
         self.current.store(snapshot.clone());
         Ok(snapshot)

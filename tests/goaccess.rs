@@ -38,6 +38,18 @@ fn base(i: u64) -> AccessRecord {
         error: None,
         source_name: Some("project-x".into()),
         labels: Some(Arc::new(labels)),
+        // Every other line names a client pod in the user field (squid `%[un`, combined `%u`).
+        pod: (i % 2 == 1).then(|| {
+            Arc::new(kalmar::acl::PodIdentity::new(
+                Arc::from(format!("ns-{}", i % 7).as_str()),
+                &format!("worker-{i}"),
+                Arc::new(BTreeMap::new()),
+                Arc::new(BTreeMap::new()),
+                Arc::from("default"),
+                Some(Arc::from("node-a")),
+            ))
+        }),
+        node: None,
         rule: Some("external".into()),
         verdict: Some(Verdict::Allow),
         reason: Some(Reason::Rule),

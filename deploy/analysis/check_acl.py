@@ -11,6 +11,11 @@ pods reach public addresses; nothing reaches the pod or service CIDRs or the
 internal ranges; a client in no source entry is refused; CONNECT keeps to the
 default port 443. The pod and service CIDRs are read from the config's
 [destinations].cluster_cidrs (first: pods, second: services).
+
+With [kubernetes] enabled, explain asks the API who a client is: a loopback
+API (fake_apiserver.py) serves a pod labelled network-access-external-ips:
+"true", an unlabelled neighbour, and nothing at a third pod-CIDR address; only
+the labelled pod may go out.
 Prints one PASS/FAIL row per case; exit status 1 on any failure.
 """
 
@@ -22,7 +27,10 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import tomllib
+
+from fake_apiserver import FakeApiServer, namespace, pod as pod_object
 
 VERDICT = re.compile(r"^verdict\s+(\w+)", re.M)
 
@@ -44,6 +52,7 @@ def main() -> int:
     else:
         pods, services = cluster[0], cluster[1]
         pod, other_pod, service = str(pods[5]), str(pods[9]), str(services[1])
+        unlabelled, no_pod = str(pods[7]), str(pods[11])
         public = "93.184.215.14"  # any public address; explain sends nothing
         cases = [
             (pod, f"{public}:443", "allow", "pod -> public address, CONNECT :443"),
@@ -57,6 +66,22 @@ def main() -> int:
             ("192.168.1.10", f"{public}:443", "deny", "client outside the pod CIDR (a node) -> refused"),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("KALMAR_")}
+        kube = (cfg.get("kubernetes") or {}).get("enabled") is True
+        api = None
+        if kube:
+            cases += [
+                (unlabelled, f"{public}:443", "deny", "unlabelled pod -> public address (403 denied)"),
+                (unlabelled, f"http://{public}/", "deny", "unlabelled pod -> public address, plain HTTP"),
+                (no_pod, f"{public}:443", "deny", "pod-CIDR address no pod owns -> refused"),
+            ]
+            api = FakeApiServer([
+                namespace("project-x"),
+                pod_object("project-x", "labelled", pod, {"network-access-external-ips": "true"}),
+                pod_object("project-x", "unlabelled", unlabelled, {"app": "worker"}),
+            ]).__enter__()
+            tmp = tempfile.mkdtemp()
+            env["KUBECONFIG"] = api.kubeconfig(tmp)
+            rows.append((True, "[kubernetes] enabled: clients identified through a loopback API", ""))
         for src, target, want, what in cases:
             proc = subprocess.run(
                 [args.kalmar, "--config", args.config, "explain", "--from", src, target],
@@ -68,7 +93,15 @@ def main() -> int:
             m = VERDICT.search(proc.stdout)
             got = m.group(1) if m else None
             detail = f"got {got!r} (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-300:]!r}"
-            rows.append((got == want, f"{want:<5}  {what}  [explain --from {src} {target}]", detail))
+            ok = got == want and (not kube or "kubernetes lookup failed" not in proc.stdout)
+            if kube and src in (pod, unlabelled):
+                # Identified as its pod, and the unlabelled one denied by the rules (403
+                # `denied`), not as an unknown source.
+                name = "labelled" if src == pod else "unlabelled"
+                ok = ok and f"pod          project-x/{name}" in proc.stdout and "unknown-source" not in proc.stdout
+            rows.append((ok, f"{want:<5}  {what}  [explain --from {src} {target}]", detail))
+        if api is not None:
+            api.__exit__(None, None, None)
 
     failed = sum(not ok for ok, _, _ in rows)
     for ok, name, detail in rows:

@@ -43,6 +43,8 @@ SEED_POLICIES = [
 PROCESSING_LABEL = {"base": ("pod-type", "processing-container"), "kaapana": ("kaapana.ai/type", "processing-container")}
 KALMAR_NS = {"base": "kalmar", "kaapana": "admin"}
 PROXY_SERVICE = {"base": "kalmar", "kaapana": "squid-proxy-service"}
+# kube-apiserver's port as the CNI sees it (kubeadm 6443, microk8s 16443).
+API_PORT = {"base": 6443, "kaapana": 16443}
 CONFIG_PATH = "/etc/kalmar/kalmar.toml"
 # Sample values for the kaapana overlay's upstream variables, keyed by the
 # proxy.env key the Deployment reads them from.
@@ -208,7 +210,27 @@ def check_variant(r: Report, variant: str, docs: list[dict], config_out: str | N
     r.check(S, "seccomp RuntimeDefault", seccomp == "RuntimeDefault")
     sa_name = pod.get("serviceAccountName")
     sa = one(docs, "ServiceAccount", sa_name, ns)
-    r.check(S, "own ServiceAccount, token automount off (account and pod)", sa is not None and sa.get("automountServiceAccountToken") is False and pod.get("automountServiceAccountToken") is False)
+    r.check(
+        S,
+        "own ServiceAccount: no token by default, mounted only in Kalmar's pod (pod identity)",
+        sa is not None and sa.get("automountServiceAccountToken") is False and pod.get("automountServiceAccountToken") is True,
+    )
+    # RBAC: exactly get/list/watch on pods, namespaces, nodes, bound to that account only.
+    bindings = [
+        b
+        for b in find(docs, "ClusterRoleBinding") + find(docs, "RoleBinding")
+        if any(x.get("kind") == "ServiceAccount" and x.get("name") == sa_name and x.get("namespace", b["metadata"].get("namespace")) == ns for x in b.get("subjects", []))
+    ]
+    roles = [one(docs, b["roleRef"]["kind"], b["roleRef"]["name"], None if b["roleRef"]["kind"] == "ClusterRole" else ns) for b in bindings]
+    rules = [rule for role in roles if role for rule in role.get("rules", [])]
+    granted = {(g, res, verb) for rule in rules for g in rule.get("apiGroups", []) for res in rule.get("resources", []) for verb in rule.get("verbs", [])}
+    wanted = {("", res, verb) for res in ("pods", "namespaces", "nodes") for verb in ("get", "list", "watch")}
+    r.check(
+        S,
+        f"RBAC: one ClusterRoleBinding to {sa_name} in {ns}; get/list/watch on pods, namespaces, nodes and nothing else",
+        len(bindings) == 1 and bindings[0]["kind"] == "ClusterRoleBinding" and all(roles) and granted == wanted and not any(rule.get("resourceNames") or rule.get("nonResourceURLs") for rule in rules),
+        f"bindings {[b['metadata']['name'] for b in bindings]}, granted {sorted(granted)}",
+    )
 
     # Config: a directory mount of the ConfigMap, never subPath.
     mounts = [m for m in c.get("volumeMounts", []) if m.get("mountPath") == os.path.dirname(CONFIG_PATH)]
@@ -293,8 +315,34 @@ def check_variant(r: Report, variant: str, docs: list[dict], config_out: str | N
     internal = [ipaddress.ip_network(x) for x in (ext_ex[0] if ext_ex else [])]
     uncovered = [x for x in cluster if not any(ipaddress.ip_network(x).subnet_of(n) for n in internal if n.version == ipaddress.ip_network(x).version)]
     r.check(S, "config cluster_cidrs lie inside the NetworkPolicy's internal CIDRs", cluster and not uncovered, f"not covered: {uncovered}")
-    srcs = [s.get("cidr") for s in cfg.get("sources", []) if "cidr" in s]
-    r.check(S, "config sources cover the pod CIDR (first cluster_cidr)", bool(cluster) and cluster[0] in srcs, f"sources {srcs}, cluster {cluster}")
+    kube = cfg.get("kubernetes") or {}
+    r.check(
+        S,
+        "config: [kubernetes] on, pod_cidrs = the pod CIDR (first cluster_cidr)",
+        kube.get("enabled") is True and bool(cluster) and kube.get("pod_cidrs") == [cluster[0]],
+        str(kube),
+    )
+    pod_net = ipaddress.ip_network(cluster[0]) if cluster else None
+    broad = [
+        c
+        for entry in cfg.get("sources", [])
+        for c in ([entry["cidr"]] if "cidr" in entry else []) + entry.get("cidrs", [])
+        if pod_net and ipaddress.ip_network(c).version == pod_net.version and ipaddress.ip_network(c).overlaps(pod_net) and ipaddress.ip_network(c).prefixlen < pod_net.max_prefixlen
+    ]
+    r.check(S, "config: no static source labels a range of the pod CIDR (labels come from each pod)", not broad, f"sources over the pod CIDR: {broad}")
+    api_port = API_PORT[variant]
+    api_rules = [
+        rule
+        for rule in (own[0] if own else {}).get("spec", {}).get("egress") or []
+        if [(p.get("protocol", "TCP"), p.get("port")) for p in rule.get("ports", [])] == [("TCP", api_port)]
+    ]
+    api_peers = [peer.get("ipBlock", {}).get("cidr") for rule in api_rules for peer in rule.get("to") or []]
+    r.check(
+        S,
+        f"Kalmar's egress to the API server: TCP {api_port}, private addresses only",
+        len(api_rules) == 1 and api_peers and all(c and ipaddress.ip_network(c).is_private for c in api_peers) and all("except" not in (peer.get("ipBlock") or {}) for rule in api_rules for peer in rule.get("to") or []),
+        str(api_peers),
+    )
 
     # kaapana: the institution's proxy settings as optional Secret-backed env.
     env_lines = []

@@ -206,6 +206,16 @@ def expectations(v: Variant) -> list[Expect]:
     else:
         deny(pol, "services/services-app", K, "TCP", 3128, "unlabelled platform pod (base)")
 
+    # The API server for pod identity: its port on a private address, nothing else.
+    pol = "kalmar: API server egress"
+    api_port = 6443 if v.name == "base" else 16443
+    other_port = 16443 if v.name == "base" else 6443
+    allow(pol, K, "ip:10.0.0.5", "TCP", api_port, "control-plane endpoint (10/8)")
+    allow(pol, K, "ip:192.168.1.20", "TCP", api_port, "control-plane endpoint (192.168/16)")
+    deny(pol, K, "ip:10.0.0.5", "TCP", other_port, "the other distribution's API port")
+    deny(pol, K, "ip:10.0.0.5", "TCP", 22, "control-plane address, another port")
+    deny(pol, f"{P}/external-ips", "ip:10.0.0.5", "TCP", api_port, "project pods do not reach the API")
+
     # The institution's parent proxy (an internal address).
     pol = "parent-proxy component"
     if v.parent_proxy:

@@ -17,6 +17,9 @@ leaves this machine). Then:
   - a ConfigMap update, done the kubelet's way (new directory, atomic swap of
     the ..data symlink), is hot-reloaded (kalmar_config_reloads_total{result="ok"}),
   - SIGTERM ends the process within server.shutdown_grace.
+With [kubernetes] enabled, Kalmar watches a loopback API (fake_apiserver.py)
+through KUBECONFIG: /readyz is 503 while that API does not answer and 200 once
+the first list is in.
 Prints one PASS/FAIL row per property; exit status 1 on any failure.
 """
 
@@ -37,6 +40,8 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+
+from fake_apiserver import FakeApiServer, namespace
 
 
 def free_port() -> int:
@@ -124,6 +129,7 @@ def main() -> int:
 
     tmp = tempfile.mkdtemp(prefix="kalmar-smoke-")
     proc = None
+    api = None
     out_lines: list[str] = []
     err_lines: list[str] = []
     try:
@@ -142,6 +148,11 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KALMAR_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
         env["KALMAR_SERVER__LISTEN"] = f"127.0.0.1:{proxy_port}"
         env["KALMAR_SERVER__ADMIN_LISTEN"] = f"127.0.0.1:{admin_port}"
+        with open(args.config, "rb") as f:
+            kube = (tomllib.load(f).get("kubernetes") or {}).get("enabled") is True
+        if kube:
+            api = FakeApiServer([namespace("default")])
+            env["KUBECONFIG"] = api.kubeconfig(tmp)
         proc = subprocess.Popen(
             [args.kalmar, "--config", os.path.join(etc, "kalmar.toml")],
             env=env,
@@ -161,6 +172,10 @@ def main() -> int:
         admin = f"http://127.0.0.1:{admin_port}"
         status, body = wait_for(f"{admin}/healthz", time.monotonic() + 20)
         alive = check("starts with the Deployment's args; liveness GET /healthz -> 200", status == 200, f"status {status} {body[:200]!r}; exit {proc.poll()}")
+        if alive and api is not None:
+            status, body = http_get(f"{admin}/readyz")
+            check("[kubernetes] on, API not answering yet: /readyz -> 503", status == 503, f"status {status} {body[:200]!r}")
+            api.__enter__()
         if alive:
             status, body = wait_for(f"{admin}/readyz", time.monotonic() + 10)
             check("readiness GET /readyz -> 200", status == 200, f"status {status} {body[:200]!r}")
@@ -213,6 +228,8 @@ def main() -> int:
         if proc and proc.poll() is None:
             proc.kill()
             proc.wait()
+        if api is not None and api.thread.is_alive():
+            api.__exit__(None, None, None)
         shutil.rmtree(tmp, ignore_errors=True)
 
     failed = sum(not ok for ok, _, _ in rows)

@@ -12,7 +12,16 @@ pub(super) fn write_combined(rec: &AccessRecord, out: &mut Vec<u8>) {
     let (secs, _) = unix_parts(rec.time);
     let c = Civil::from_unix(secs);
     push_ip(out, rec.client.ip());
-    out.extend_from_slice(b" - - [");
+    // `%l %u`: no ident; the user is the client pod (`namespace/name`) when known.
+    out.extend_from_slice(b" - ");
+    token(
+        out,
+        rec.pod
+            .as_deref()
+            .map(|p| p.full_name().as_bytes())
+            .unwrap_or_default(),
+    );
+    out.extend_from_slice(b" [");
     push_padded(out, u64::from(c.day), 2);
     out.push(b'/');
     out.extend_from_slice(MONTHS[usize::from(c.month - 1)].as_bytes());

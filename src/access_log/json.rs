@@ -80,6 +80,11 @@ pub(super) fn write_json(rec: &AccessRecord, out: &mut Vec<u8>) {
         }
         None => o.null(),
     }
+    let pod = rec.pod.as_deref();
+    o.opt_str(fields::POD, pod.map(|p| p.full_name()));
+    o.opt_str(fields::NAMESPACE, pod.map(|p| &*p.namespace));
+    o.opt_str(fields::SERVICE_ACCOUNT, pod.map(|p| &*p.service_account));
+    o.opt_str(fields::NODE, rec.node.as_deref());
     o.out.push(b'}');
 }
 

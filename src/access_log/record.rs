@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::acl::{Reason, Verdict};
+use crate::acl::{PodIdentity, Reason, Verdict};
 use crate::cache::Outcome;
 use crate::error::ErrorKind;
 use crate::tls::TlsCheck;
@@ -61,9 +61,17 @@ pub mod fields {
     pub const SNI: &str = "sni";
     /// array|null: tunnels: the ALPN protocol names the ClientHello offered.
     pub const ALPN: &str = "alpn";
+    /// string|null: the client pod, `namespace/name` (with `[kubernetes]` on).
+    pub const POD: &str = "pod";
+    /// string|null: the client pod's namespace.
+    pub const NAMESPACE: &str = "namespace";
+    /// string|null: the client pod's service account.
+    pub const SERVICE_ACCOUNT: &str = "service_account";
+    /// string|null: the client pod's node, or the node that is the client.
+    pub const NODE: &str = "node";
 
     /// Every field, in output order.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 28] = [
         TIME,
         DURATION_MS,
         REQUEST_ID,
@@ -88,6 +96,10 @@ pub mod fields {
         HTTP_VERSION,
         SNI,
         ALPN,
+        POD,
+        NAMESPACE,
+        SERVICE_ACCOUNT,
+        NODE,
     ];
 }
 
@@ -115,6 +127,10 @@ pub struct AccessRecord {
     pub source_name: Option<Arc<str>>,
     /// `None` = unknown source.
     pub labels: Option<Arc<BTreeMap<String, String>>>,
+    /// The client pod, when the live index identified it (its name outlives its address).
+    pub pod: Option<Arc<PodIdentity>>,
+    /// The pod's node, or the node that is the client.
+    pub node: Option<Arc<str>>,
     pub rule: Option<Arc<str>>,
     /// `None` = not evaluated (`none` in the log).
     pub verdict: Option<Verdict>,
@@ -152,6 +168,8 @@ impl AccessRecord {
             error: None,
             source_name: None,
             labels: None,
+            pod: None,
+            node: None,
             rule: None,
             verdict: None,
             reason: None,

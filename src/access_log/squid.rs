@@ -12,6 +12,8 @@ use crate::cache::Outcome;
 /// ```text
 /// 1700000000.123    245 127.0.0.1 TCP_MISS/200 1234 GET http://example.com/ - HIER_DIRECT/93.184.216.34 text/html
 /// ```
+///
+/// The user-name field carries the client pod (`namespace/name`) when the live index knows it.
 pub(super) fn write_squid(rec: &AccessRecord, out: &mut Vec<u8>) {
     let end = rec.time.checked_add(rec.duration).unwrap_or(rec.time);
     let (secs, micros) = unix_parts(end);
@@ -36,7 +38,16 @@ pub(super) fn write_squid(rec: &AccessRecord, out: &mut Vec<u8>) {
     token(out, rec.method.as_str().as_bytes());
     out.push(b' ');
     token(out, rec.target.as_bytes());
-    out.extend_from_slice(b" - ");
+    // `%[un`, the user name: the client pod (`namespace/name`) when known.
+    out.push(b' ');
+    token(
+        out,
+        rec.pod
+            .as_deref()
+            .map(|p| p.full_name().as_bytes())
+            .unwrap_or_default(),
+    );
+    out.push(b' ');
     squid_hierarchy(rec, out);
     out.push(b' ');
     // Squid logs the media type only: the value up to the first ';', tab or space.

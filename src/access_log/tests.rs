@@ -27,6 +27,8 @@ fn record() -> AccessRecord {
         error: None,
         source_name: Some("project-x".into()),
         labels: Some(Arc::new(labels)),
+        pod: None,
+        node: None,
         rule: Some("external".into()),
         verdict: Some(Verdict::Allow),
         reason: Some(Reason::Rule),
@@ -140,6 +142,51 @@ fn json_has_every_field_with_the_right_values() {
     assert_eq!(v[fields::USER_AGENT], "curl/8.5.0");
     assert!(v[fields::REFERER].is_null());
     assert_eq!(v[fields::HTTP_VERSION], "HTTP/1.1");
+}
+
+/// A client the live index identified: a pod in `project-x` on `node-a`.
+fn pod_record() -> AccessRecord {
+    let pod = crate::acl::PodIdentity::new(
+        Arc::from("project-x"),
+        "worker-7d9f",
+        Arc::new(BTreeMap::new()),
+        Arc::new(crate::acl::namespace_name_labels("project-x")),
+        Arc::from("runner"),
+        Some(Arc::from("node-a")),
+    );
+    AccessRecord {
+        source_name: Some("project-x/worker-7d9f".into()),
+        pod: Some(Arc::new(pod)),
+        node: Some("node-a".into()),
+        ..record()
+    }
+}
+
+#[test]
+fn pod_fields_in_every_format() {
+    let v = json(&pod_record());
+    assert_eq!(v[fields::POD], "project-x/worker-7d9f");
+    assert_eq!(v[fields::NAMESPACE], "project-x");
+    assert_eq!(v[fields::SERVICE_ACCOUNT], "runner");
+    assert_eq!(v[fields::NODE], "node-a");
+    let squid = line(Format::Squid, &pod_record());
+    assert!(
+        squid.contains(" GET http://example.com/ project-x/worker-7d9f HIER_DIRECT/"),
+        "{squid}"
+    );
+    let combined = line(Format::Combined, &pod_record());
+    assert!(
+        combined.starts_with("127.0.0.1 - project-x/worker-7d9f [14/Nov/2023:"),
+        "{combined}"
+    );
+    for f in [
+        fields::POD,
+        fields::NAMESPACE,
+        fields::SERVICE_ACCOUNT,
+        fields::NODE,
+    ] {
+        assert!(json(&record())[f].is_null(), "{f}");
+    }
 }
 
 #[test]

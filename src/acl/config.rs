@@ -87,6 +87,21 @@ pub struct SelectorConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub match_expressions: Vec<ExpressionConfig>,
+    /// Pods only: the pod's namespace must match this selector too (over the namespace's labels,
+    /// `kubernetes.io/metadata.name` included), as in a NetworkPolicy peer.
+    #[serde(
+        default,
+        alias = "namespaceSelector",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub namespace_selector: Option<Box<SelectorConfig>>,
+    /// Pods only: the pod's service account must be one of these, written `namespace/name`.
+    #[serde(
+        default,
+        alias = "serviceAccounts",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub service_accounts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -271,6 +286,10 @@ pub enum Problem {
     NoLimit,
     #[error("has no effect {0}")]
     NoEffect(&'static str),
+    #[error("invalid service account {0:?} (write namespace/name)")]
+    InvalidServiceAccount(String),
+    #[error("a namespace_selector cannot have a namespace_selector or service_accounts of its own")]
+    NestedNamespaceSelector,
 }
 
 /// Squid's default Safe_ports.

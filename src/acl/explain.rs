@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use super::address::{Classified, Mark};
-use super::{Decision, Destination, Host, Policy, Reason, UnknownSource};
+use super::{Decision, Destination, Host, Identity, Policy, Reason, UnknownSource};
 
 // === impl Policy (explain) ===
 
@@ -13,10 +13,40 @@ impl Policy {
     /// deciding rule, the decision and its reason, and for a name each resolved address (the core
     /// resolves; an empty `resolved` for a name means resolution failed).
     pub fn explain(&self, client: IpAddr, dst: &Destination, resolved: &[IpAddr]) -> String {
+        self.explain_identity(client, &self.identify(client), dst, resolved)
+    }
+
+    /// As [`Policy::explain`], for an identity the caller found (a live pod or node).
+    pub fn explain_identity(
+        &self,
+        client: IpAddr,
+        id: &Identity,
+        dst: &Destination,
+        resolved: &[IpAddr],
+    ) -> String {
         let mut out = String::new();
-        let id = self.identify(client);
         let _ = writeln!(out, "source       {client}");
+        if let Some(pod) = id.as_pod() {
+            let _ = writeln!(out, "pod          {} (kubernetes)", pod.full_name());
+            let _ = writeln!(out, "labels       {id}");
+            let _ = writeln!(
+                out,
+                "namespace    {} {}",
+                pod.namespace,
+                join_labels(&pod.namespace_labels)
+            );
+            let _ = writeln!(
+                out,
+                "account      {}/{}",
+                pod.namespace, pod.service_account
+            );
+            let _ = writeln!(out, "node         {}", pod.node.as_deref().unwrap_or("-"));
+        } else if let Some(node) = id.as_node() {
+            let _ = writeln!(out, "node         {} (kubernetes)", node.name);
+            let _ = writeln!(out, "labels       {id}");
+        }
         match (id.origin(), id.cidr()) {
+            _ if id.as_pod().is_some() || id.as_node().is_some() => {}
             (Some(origin), Some(cidr)) => {
                 let name = id.name().map(|n| format!(" {n:?}")).unwrap_or_default();
                 let _ = writeln!(out, "entry        {origin}{name} {cidr}");
@@ -41,7 +71,7 @@ impl Policy {
             dst.method, dst.protocol
         );
 
-        let eval = self.evaluate(&id, dst);
+        let eval = self.evaluate(id, dst);
         let decision = &eval.decision;
         match eval
             .rule_index
@@ -143,4 +173,16 @@ impl Policy {
             _ => None,
         }
     }
+}
+
+/// `k=v,k2=v2`, `-` when empty.
+fn join_labels(labels: &super::Labels) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }

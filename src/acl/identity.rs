@@ -11,12 +11,22 @@ use ipnet::IpNet;
 use super::config::{AclConfigError, Problem, SourceEntry, check_labels, check_net};
 use super::prefix::PrefixMap;
 use super::selector::{CompactLabels, LabelInterner};
+use super::workload::{NodeIdentity, PodIdentity};
 
-/// Who a client is: the source entry with the longest prefix containing its address, or unknown.
-/// Cheap to clone.
+/// Who a client is: a live pod or node (from the `kubernetes` index), the source entry with the
+/// longest prefix containing its address, or unknown. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
-    source: Option<Arc<Source>>,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Default)]
+enum Kind {
+    #[default]
+    Unknown,
+    Source(Arc<Source>),
+    Pod(Arc<PodIdentity>),
+    Node(Arc<NodeIdentity>),
 }
 
 /// One compiled source prefix.
@@ -50,7 +60,7 @@ impl Identity {
     /// A known source built by hand (tests, tools).
     pub fn known(name: Option<&str>, cidr: IpNet, labels: BTreeMap<String, String>) -> Self {
         Self {
-            source: Some(Arc::new(Source {
+            kind: Kind::Source(Arc::new(Source {
                 name: name.map(Arc::from),
                 cidr,
                 labels: Arc::new(labels),
@@ -61,36 +71,107 @@ impl Identity {
         }
     }
 
-    pub fn is_known(&self) -> bool {
-        self.source.is_some()
-    }
-
-    pub fn name(&self) -> Option<&str> {
-        self.source.as_ref()?.name.as_deref()
-    }
-
-    pub fn labels(&self) -> Option<&Arc<BTreeMap<String, String>>> {
-        self.source.as_ref().map(|s| &s.labels)
-    }
-
-    /// The prefix that identified the client.
-    pub fn cidr(&self) -> Option<IpNet> {
-        self.source.as_ref().map(|s| s.cidr)
-    }
-
-    /// The interned labels and whether the source is known, if this identity comes from the policy
-    /// of `generation` (an unknown source has no labels under any policy).
-    pub(crate) fn compact(&self, generation: u64) -> Option<(&CompactLabels, bool)> {
-        match &self.source {
-            None => Some((&[], false)),
-            Some(s) if s.generation == generation => Some((&s.compact, true)),
-            Some(_) => None,
+    /// A pod from the live index.
+    pub fn pod(pod: Arc<PodIdentity>) -> Self {
+        Self {
+            kind: Kind::Pod(pod),
         }
     }
 
-    /// Where the matching entry was defined: `sources[3]` or `path[12]`.
+    /// A node from the live index.
+    pub fn node(node: Arc<NodeIdentity>) -> Self {
+        Self {
+            kind: Kind::Node(node),
+        }
+    }
+
+    pub fn is_known(&self) -> bool {
+        !matches!(self.kind, Kind::Unknown)
+    }
+
+    /// What identified the client: the source entry's name, the pod (`namespace/name`) or the
+    /// node (`node/<name>`).
+    pub fn name(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Unknown => None,
+            Kind::Source(s) => s.name.as_deref(),
+            Kind::Pod(p) => Some(p.full_name()),
+            Kind::Node(n) => Some(n.full_name()),
+        }
+    }
+
+    pub fn labels(&self) -> Option<&Arc<BTreeMap<String, String>>> {
+        match &self.kind {
+            Kind::Unknown => None,
+            Kind::Source(s) => Some(&s.labels),
+            Kind::Pod(p) => Some(&p.labels),
+            Kind::Node(n) => Some(&n.labels),
+        }
+    }
+
+    /// The pod, when the client was identified from the live index.
+    pub fn as_pod(&self) -> Option<&Arc<PodIdentity>> {
+        match &self.kind {
+            Kind::Pod(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The node, when the client is a node's address from the live index.
+    pub fn as_node(&self) -> Option<&Arc<NodeIdentity>> {
+        match &self.kind {
+            Kind::Node(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The pod's namespace.
+    pub fn namespace(&self) -> Option<&str> {
+        self.as_pod().map(|p| &*p.namespace)
+    }
+
+    /// The pod's service account.
+    pub fn service_account(&self) -> Option<&str> {
+        self.as_pod().map(|p| &*p.service_account)
+    }
+
+    /// The pod's node, or the node itself.
+    pub fn node_name(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Pod(p) => p.node.as_deref(),
+            Kind::Node(n) => Some(&n.name),
+            _ => None,
+        }
+    }
+
+    /// The prefix that identified the client (static sources only).
+    pub fn cidr(&self) -> Option<IpNet> {
+        match &self.kind {
+            Kind::Source(s) => Some(s.cidr),
+            _ => None,
+        }
+    }
+
+    /// The interned labels and whether the source is known, if this identity comes from the policy
+    /// of `generation` (an unknown source has no labels under any policy). Live identities are
+    /// matched on their string labels.
+    pub(crate) fn compact(&self, generation: u64) -> Option<(&CompactLabels, bool)> {
+        match &self.kind {
+            Kind::Unknown => Some((&[], false)),
+            Kind::Source(s) if s.generation == generation => Some((&s.compact, true)),
+            _ => None,
+        }
+    }
+
+    /// Where the matching entry was defined: `sources[3]`, `path[12]`, `kubernetes pod`,
+    /// `kubernetes node`.
     pub fn origin(&self) -> Option<&str> {
-        self.source.as_ref().map(|s| &*s.origin)
+        match &self.kind {
+            Kind::Unknown => None,
+            Kind::Source(s) => Some(&s.origin),
+            Kind::Pod(_) => Some("kubernetes pod"),
+            Kind::Node(_) => Some("kubernetes node"),
+        }
     }
 }
 
@@ -165,11 +246,11 @@ impl SourceTable {
 
     /// Longest-prefix lookup; an IPv4-mapped client address is looked up as IPv4.
     pub(crate) fn identify(&self, client: IpAddr) -> Identity {
-        Identity {
-            source: self
-                .prefixes
-                .longest(client.to_canonical())
-                .map(|(_, s)| Arc::clone(s)),
+        match self.prefixes.longest(client.to_canonical()) {
+            Some((_, s)) => Identity {
+                kind: Kind::Source(Arc::clone(s)),
+            },
+            None => Identity::unknown(),
         }
     }
 

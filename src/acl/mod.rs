@@ -61,6 +61,7 @@ mod identity;
 mod prefix;
 mod rules;
 mod selector;
+mod workload;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -78,6 +79,11 @@ pub use decision::{Decision, Reason, Verdict};
 pub use host::{Host, HostError, normalize_host, parse_ipv4_numeric};
 pub use identity::Identity;
 pub use selector::Selector;
+pub use workload::{
+    Labels, NAMESPACE_NAME_LABEL, NODE_NAME_LABEL, NODE_SOURCE_LABEL, NODE_SOURCE_VALUE,
+    NodeIdentity, PodIdentity, Workload, WorkloadHasher, WorkloadIndex, namespace_name_labels,
+    workload_map,
+};
 
 use address::AddressTable;
 use config::check_net;
@@ -200,6 +206,25 @@ impl Policy {
     /// Longest-prefix match of the client address; IPv4-mapped IPv6 is looked up as IPv4.
     pub fn identify(&self, client: IpAddr) -> Identity {
         self.sources.identify(client)
+    }
+
+    /// The lookup order for a client given what the live index holds for its address: a pod
+    /// wins; an address two pods claim is unknown (never a guess, never the static table); else
+    /// the static sources; else the node owning the address; else unknown.
+    pub fn identify_with(&self, client: IpAddr, live: Option<&Workload>) -> Identity {
+        match live {
+            Some(Workload::Pod(pod)) => Identity::pod(pod.clone()),
+            Some(Workload::Conflict) => Identity::unknown(),
+            Some(Workload::Node(node)) => {
+                let id = self.sources.identify(client);
+                if id.is_known() {
+                    id
+                } else {
+                    Identity::node(node.clone())
+                }
+            }
+            None => self.sources.identify(client),
+        }
     }
 
     /// Rules, ports and literal-address destinations. Does no DNS: for a name, the core runs

@@ -1,4 +1,5 @@
-//! Kubernetes label selectors over source identities (`match_labels`, `match_expressions`).
+//! Kubernetes label selectors over source identities (`match_labels`, `match_expressions`), with
+//! the pod-only parts of a NetworkPolicy peer (`namespace_selector`, `service_accounts`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -8,14 +9,25 @@ use super::config::{
     AclConfigError, Operator, Problem, SelectorConfig, check_labels, valid_label_key,
     valid_label_value,
 };
+use super::workload::{NODE_NAME_LABEL, NODE_SOURCE_LABEL};
 
 /// A compiled selector: every requirement must hold (Kubernetes semantics).
 ///
 /// An empty selector matches every *known* source and never an unknown one, so that "from everyone"
 /// does not silently include clients outside the source table.
+///
+/// A `namespace_selector` or `service_accounts` restricts the selector to pods (ANDed with the
+/// label requirements, as in a NetworkPolicy peer): a static source or a node never matches it.
+/// A node identity is matched only by a selector that names one of the reserved node labels
+/// (`kalmar.io/source`, `kalmar.io/node`), so pod selectors never select nodes by accident.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selector {
     requirements: Vec<Requirement>,
+    namespaces: Option<Box<Selector>>,
+    /// `(namespace, name)`.
+    service_accounts: Vec<(String, String)>,
+    /// Some requirement names a reserved node label.
+    names_node: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +69,8 @@ pub(crate) const UNSEEN: u32 = u32::MAX;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CompactSelector {
     requirements: Box<[CompactRequirement]>,
+    /// The selector has pod-only parts: no static source matches it.
+    pods_only: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -125,7 +139,38 @@ impl Selector {
                 Operator::DoesNotExist => Requirement::DoesNotExist { key },
             });
         }
-        Ok(Self { requirements })
+        let namespaces = match &cfg.namespace_selector {
+            None => None,
+            Some(inner) => {
+                let at = format!("{key}.namespace_selector");
+                if inner.namespace_selector.is_some() || !inner.service_accounts.is_empty() {
+                    return Err(AclConfigError::new(at, Problem::NestedNamespaceSelector));
+                }
+                Some(Box::new(Selector::compile(inner, &at)?))
+            }
+        };
+        let mut service_accounts = Vec::with_capacity(cfg.service_accounts.len());
+        for (i, sa) in cfg.service_accounts.iter().enumerate() {
+            let pair = sa
+                .split_once('/')
+                .filter(|(ns, name)| valid_object_name(ns) && valid_object_name(name))
+                .ok_or_else(|| {
+                    AclConfigError::new(
+                        format!("{key}.service_accounts[{i}]"),
+                        Problem::InvalidServiceAccount(sa.clone()),
+                    )
+                })?;
+            service_accounts.push((pair.0.to_owned(), pair.1.to_owned()));
+        }
+        let names_node = requirements
+            .iter()
+            .any(|r| matches!(r.key(), NODE_SOURCE_LABEL | NODE_NAME_LABEL));
+        Ok(Self {
+            requirements,
+            namespaces,
+            service_accounts,
+            names_node,
+        })
     }
 
     /// The empty selector: every known source.
@@ -134,15 +179,35 @@ impl Selector {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.requirements.is_empty()
+        self.requirements.is_empty() && !self.pods_only()
+    }
+
+    /// Has a `namespace_selector` or `service_accounts`: only pods can match.
+    pub fn pods_only(&self) -> bool {
+        self.namespaces.is_some() || !self.service_accounts.is_empty()
     }
 
     /// Known sources are matched on their labels; unknown ones as a source with no labels, except
-    /// that the empty selector does not match them.
+    /// that the empty selector does not match them. Pods are also matched on their namespace's
+    /// labels and service account; nodes only by selectors naming a reserved node label.
     pub fn matches(&self, id: &Identity) -> bool {
+        if let Some(pod) = id.as_pod() {
+            return self.matches_labels(&pod.labels)
+                && self
+                    .namespaces
+                    .as_ref()
+                    .is_none_or(|ns| ns.matches_labels(&pod.namespace_labels))
+                && (self.service_accounts.is_empty()
+                    || self.service_accounts.iter().any(|(ns, name)| {
+                        **ns == *pod.namespace && **name == *pod.service_account
+                    }));
+        }
+        if self.pods_only() || (id.as_node().is_some() && !self.names_node) {
+            return false;
+        }
         match id.labels() {
             Some(labels) => self.matches_labels(labels),
-            None => !self.is_empty() && self.matches_labels(&BTreeMap::new()),
+            None => !self.requirements.is_empty() && self.matches_labels(&BTreeMap::new()),
         }
     }
 
@@ -172,16 +237,44 @@ impl Selector {
                 },
             })
             .collect();
-        CompactSelector { requirements }
+        CompactSelector {
+            requirements,
+            pods_only: self.pods_only(),
+        }
     }
 }
 
 /// Kubernetes' string form: `team=a,env in (dev,prod),!legacy,tier` (`<everyone known>` when empty).
+/// With pod-only parts: `team=a and namespace(kubernetes.io/metadata.name=x) and
+/// service_accounts(x/runner)`.
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.requirements.is_empty() {
+        if self.is_empty() {
             return f.write_str("<every known source>");
         }
+        let mut and = "";
+        if !self.requirements.is_empty() {
+            self.fmt_requirements(f)?;
+            and = " and ";
+        }
+        if let Some(ns) = &self.namespaces {
+            write!(f, "{and}namespace({ns})")?;
+            and = " and ";
+        }
+        if !self.service_accounts.is_empty() {
+            let list: Vec<String> = self
+                .service_accounts
+                .iter()
+                .map(|(ns, name)| format!("{ns}/{name}"))
+                .collect();
+            write!(f, "{and}service_accounts({})", list.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+impl Selector {
+    fn fmt_requirements(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, r) in self.requirements.iter().enumerate() {
             if i > 0 {
                 f.write_str(",")?;
@@ -234,6 +327,9 @@ impl LabelInterner {
 impl CompactSelector {
     /// `known: false` is an unknown source: no labels, and the empty selector does not match it.
     pub(crate) fn matches(&self, labels: &CompactLabels, known: bool) -> bool {
+        if self.pods_only {
+            return false;
+        }
         if self.requirements.is_empty() {
             return known;
         }
@@ -262,9 +358,29 @@ impl CompactSelector {
     }
 }
 
+/// A Kubernetes object name (DNS-1123 subdomain): 1-253 of `[a-z0-9.-]`, alphanumeric at both ends.
+fn valid_object_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 253
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
 // === impl Requirement ===
 
 impl Requirement {
+    fn key(&self) -> &str {
+        match self {
+            Requirement::In { key, .. }
+            | Requirement::NotIn { key, .. }
+            | Requirement::Exists { key }
+            | Requirement::DoesNotExist { key } => key,
+        }
+    }
+
     fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         match self {
             Requirement::In { key, values } => labels.get(key).is_some_and(|v| values.contains(v)),
@@ -301,6 +417,7 @@ mod tests {
         let cfg = SelectorConfig {
             match_labels: labels(match_labels),
             match_expressions: exprs,
+            ..Default::default()
         };
         Selector::compile(&cfg, "test").expect("valid selector")
     }
@@ -443,6 +560,7 @@ mod tests {
                 SelectorConfig {
                     match_labels: labels(&[("bad key", "x")]),
                     match_expressions: vec![],
+                    ..Default::default()
                 },
                 "rules[1].from.match_labels: invalid label key \"bad key\"",
             ),
@@ -450,6 +568,7 @@ mod tests {
                 SelectorConfig {
                     match_labels: labels(&[("team", "-x")]),
                     match_expressions: vec![],
+                    ..Default::default()
                 },
                 "rules[1].from.match_labels: invalid value \"-x\" for label \"team\"",
             ),
@@ -457,6 +576,7 @@ mod tests {
                 SelectorConfig {
                     match_labels: BTreeMap::new(),
                     match_expressions: vec![expr("team", Operator::In, &[])],
+                    ..Default::default()
                 },
                 "rules[1].from.match_expressions[0].values: operator In needs at least one value, got []",
             ),
@@ -467,6 +587,7 @@ mod tests {
                         expr("team", Operator::Exists, &[]),
                         expr("team", Operator::DoesNotExist, &["a"]),
                     ],
+                    ..Default::default()
                 },
                 "rules[1].from.match_expressions[1].values: operator DoesNotExist takes no values, got [\"a\"]",
             ),
@@ -474,6 +595,7 @@ mod tests {
                 SelectorConfig {
                     match_labels: BTreeMap::new(),
                     match_expressions: vec![expr("Bad/key", Operator::Exists, &[])],
+                    ..Default::default()
                 },
                 "rules[1].from.match_expressions[0].key: invalid label key \"Bad/key\"",
             ),
@@ -481,6 +603,105 @@ mod tests {
         for (cfg, want) in cases {
             let err = Selector::compile(&cfg, "rules[1].from")
                 .expect_err(want)
+                .to_string();
+            assert!(err.starts_with(want), "{err}\n  wanted {want}");
+        }
+    }
+
+    #[test]
+    fn pods_namespaces_service_accounts_and_nodes() {
+        use crate::acl::workload::{NodeIdentity, PodIdentity, namespace_name_labels};
+        use std::sync::Arc;
+        let pod = |ns: &str, sa: &str, l: &[(&str, &str)], ns_l: &[(&str, &str)]| {
+            let mut ns_labels = labels(ns_l);
+            ns_labels.extend(namespace_name_labels(ns));
+            Identity::pod(Arc::new(PodIdentity::new(
+                Arc::from(ns),
+                "p",
+                Arc::new(labels(l)),
+                Arc::new(ns_labels),
+                Arc::from(sa),
+                Some(Arc::from("node-a")),
+            )))
+        };
+        let web = pod("shop", "web", &[("app", "web")], &[("tier", "gold")]);
+        let batch = pod("jobs", "runner", &[("app", "web")], &[]);
+        let node = Identity::node(Arc::new(NodeIdentity::new(Arc::from("node-a"))));
+        let source = Identity::known(
+            None,
+            "10.0.0.0/8".parse().expect("net"),
+            labels(&[("app", "web")]),
+        );
+        let compile = |toml_text: &str| {
+            let cfg: SelectorConfig = toml::from_str(toml_text).expect(toml_text);
+            Selector::compile(&cfg, "rules[0].from").expect(toml_text)
+        };
+        // [web, batch, node, static source, unknown]
+        let cases: Vec<(&str, [bool; 5])> = vec![
+            ("", [true, true, false, true, false]),
+            (
+                "match_labels = {app = \"web\"}",
+                [true, true, false, true, false],
+            ),
+            (
+                "namespace_selector = {match_labels = {tier = \"gold\"}}",
+                [true, false, false, false, false],
+            ),
+            (
+                "match_labels = {app = \"web\"}\nnamespace_selector = {match_labels = {\"kubernetes.io/metadata.name\" = \"jobs\"}}",
+                [false, true, false, false, false],
+            ),
+            ("namespace_selector = {}", [true, true, false, false, false]),
+            (
+                "service_accounts = [\"jobs/runner\"]",
+                [false, true, false, false, false],
+            ),
+            ("service_accounts = [\"shop/runner\"]", [false; 5]),
+            (
+                "match_labels = {\"kalmar.io/source\" = \"node\"}",
+                [false, false, true, false, false],
+            ),
+            (
+                "match_labels = {\"kalmar.io/node\" = \"node-a\"}",
+                [false, false, true, false, false],
+            ),
+            (
+                "match_expressions = [{key = \"app\", operator = \"DoesNotExist\"}]",
+                [false, false, false, false, true],
+            ),
+        ];
+        let ids = [&web, &batch, &node, &source, &Identity::unknown()];
+        for (text, want) in cases {
+            let sel = compile(text);
+            let got = ids.map(|id| sel.matches(id));
+            assert_eq!(got, want, "{text:?} ({sel})");
+        }
+        assert_eq!(
+            compile("match_labels = {app = \"web\"}\nnamespace_selector = {match_labels = {tier = \"gold\"}}\nservice_accounts = [\"shop/web\"]").to_string(),
+            "app=web and namespace(tier=gold) and service_accounts(shop/web)"
+        );
+        let bad = [
+            (
+                "service_accounts = [\"runner\"]",
+                "rules[0].from.service_accounts[0]: invalid service account \"runner\"",
+            ),
+            (
+                "service_accounts = [\"Jobs/x\"]",
+                "rules[0].from.service_accounts[0]: invalid service account \"Jobs/x\"",
+            ),
+            (
+                "namespace_selector = {service_accounts = [\"a/b\"]}",
+                "rules[0].from.namespace_selector: a namespace_selector cannot",
+            ),
+            (
+                "namespace_selector = {match_labels = {\"bad key\" = \"x\"}}",
+                "rules[0].from.namespace_selector.match_labels: invalid label key",
+            ),
+        ];
+        for (text, want) in bad {
+            let cfg: SelectorConfig = toml::from_str(text).expect(text);
+            let err = Selector::compile(&cfg, "rules[0].from")
+                .expect_err(text)
                 .to_string();
             assert!(err.starts_with(want), "{err}\n  wanted {want}");
         }

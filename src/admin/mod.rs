@@ -5,7 +5,7 @@
 //! |------------|-----------|---------------------------------------------------------------|
 //! | `/metrics` | GET, HEAD | 200, Prometheus text format 0.0.4                             |
 //! | `/healthz` | GET, HEAD | 200 `ok` while the process runs                               |
-//! | `/readyz`  | GET, HEAD | 200 `ready` when [`AdminState::ready`] is set, else 503       |
+//! | `/readyz`  | GET, HEAD | 200 `ready` when [`AdminState::ready`] is set and [`AdminState::gate`] holds, else 503 |
 //! | `/reload`  | POST      | 200 `applied: ...` or 500 `not applied: ...`                  |
 //! | other      | any       | [`ExtraRoutes`] if it claims the request, else 404            |
 //!
@@ -88,7 +88,13 @@ pub struct AdminState {
     /// Set once the proxy listener is bound and the config loaded; cleared when shutdown begins.
     pub ready: Arc<AtomicBool>,
     pub reload: ReloadFn,
+    /// A further readiness condition: `Some(why)` while it does not hold (the Kubernetes index
+    /// before its first full list).
+    pub gate: Option<ReadyGate>,
 }
+
+/// See [`AdminState::gate`].
+pub type ReadyGate = Arc<dyn Fn() -> Option<&'static str> + Send + Sync>;
 
 /// The routes the admin listener owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,10 +266,14 @@ pub async fn handle<B>(
         }
         Route::Healthz => text(StatusCode::OK, "ok\n"),
         Route::Readyz => {
-            if state.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            let why = state.gate.as_ref().and_then(|g| g());
+            match (state.ready.load(Ordering::Acquire), why) {
+                (true, None) => text(StatusCode::OK, "ready\n"),
+                (true, Some(why)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+                (false, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
             }
         }
         Route::Reload => match (state.reload)().await {
@@ -332,6 +342,7 @@ mod tests {
             metrics: metrics.clone(),
             ready: ready.clone(),
             reload,
+            gate: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve_with_routes(listener, state, extra, async move {

@@ -34,6 +34,8 @@ const ENV_LIST_KEYS: &[&str] = &[
     "destinations.connect_ports",
     "destinations.http_ports",
     "tls.ports",
+    "kubernetes.namespaces",
+    "kubernetes.pod_cidrs",
 ];
 
 /// The whole validated configuration.
@@ -66,6 +68,9 @@ pub struct Config {
     /// The ClientHello check of CONNECT tunnels (`[tls]`).
     #[serde(default)]
     pub tls: crate::tls::TlsConfig,
+    /// Pod identity from the Kubernetes API (`[kubernetes]`).
+    #[serde(default)]
+    pub kubernetes: crate::kubernetes::KubernetesConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

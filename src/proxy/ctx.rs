@@ -93,6 +93,12 @@ impl RequestCtx {
     pub fn set_identity(&mut self, id: &Identity) {
         self.record.source_name = id.name().map(Arc::from);
         self.record.labels = id.labels().cloned();
+        self.record.pod = id.as_pod().cloned();
+        self.record.node = match (id.as_pod(), id.as_node()) {
+            (Some(pod), _) => pod.node.clone(),
+            (None, Some(node)) => Some(node.name.clone()),
+            (None, None) => None,
+        };
     }
 
     pub fn set_decision(&mut self, d: &Decision) {

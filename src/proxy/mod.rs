@@ -5,7 +5,7 @@
 //! | # | stage                                   | where                     | may end with            |
 //! |---|-----------------------------------------|---------------------------|-------------------------|
 //! | 1 | context (id, start, peer)               | `ctx`                     | –                       |
-//! | 2 | identify: source IP → labels            | `Proxy::admit`            | –                       |
+//! | 2 | identify: source IP → live pod, else static source | `state::SharedState::identify` | –            |
 //! | 3 | rate limit by source                    | `Proxy::admit`            | 429                     |
 //! | 4 | parse target, method checks             | `Proxy::admit`, `target`  | 400 / 405 / 501         |
 //! | 5 | authorize: rules × destination × ports  | `Proxy::admit`            | 403                     |
@@ -83,8 +83,11 @@ impl Proxy {
         let mut ctx = Box::new(RequestCtx::new(conn, &req, self.metrics.clone(), slot));
         let snap = self.state.load();
         let raw_uri = req.uri().clone();
-        // 2-5, then 6-9
-        let result = match self.admit(&snap, &mut ctx, &req) {
+        // 2. identify: one lock-free load of the live pod index, then the static sources (a
+        // miss inside `kubernetes.pod_cidrs` may wait for one bounded direct lookup).
+        let identity = self.state.identify(&snap, ctx.client_ip()).await;
+        // 3-5, then 6-9
+        let result = match self.admit(&snap, &mut ctx, identity, &req) {
             Ok(exchange) => exchange.run(req).await,
             Err(err) => Err(err),
         };
@@ -92,17 +95,18 @@ impl Proxy {
         self.respond(ctx, result, &raw_uri)
     }
 
-    /// Stages 2-5: identify, rate limit, parse the target, authorize, and pick the route.
+    /// Stages 2-5 for an identified client: record the identity, rate limit, parse the
+    /// target, authorize, and pick the route.
     fn admit<'a>(
         self: &'a Arc<Self>,
         snap: &'a Arc<Snapshot>,
         ctx: &'a mut RequestCtx,
+        identity: Identity,
         req: &Request<Incoming>,
     ) -> Result<Exchange<'a>, ProxyError> {
         let client_ip = ctx.client_ip();
 
-        // 2. identify
-        let identity = snap.policy.identify(client_ip);
+        // 2. identify (done by the caller, which may wait)
         ctx.set_identity(&identity);
 
         // 3. rate limit

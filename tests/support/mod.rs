@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod kube_api;
 pub mod origin;
 
 use std::net::SocketAddr;
