@@ -39,6 +39,11 @@ const EXCLUDED: &[(&str, &str)] = &[
         "this test is part of `cargo test`; running it from here would recurse",
     ),
     (
+        "cargo build",
+        "`cargo test` has just built the same debug binaries; a second cargo inside the test \
+         run only waits for the build lock (or rebuilds after a touch) and proves nothing more",
+    ),
+    (
         "tests/cache-suite/run.sh",
         "runs the public cache test suite (over a minute) after installing its npm packages \
          from the registry; .ci/run runs it through the built Kalmar and fails on a \
