@@ -14,13 +14,7 @@ pub(super) fn write_combined(rec: &AccessRecord, out: &mut Vec<u8>) {
     push_ip(out, rec.client.ip());
     // `%l %u`: no ident; the user is the client pod (`namespace/name`) when known.
     out.extend_from_slice(b" - ");
-    token(
-        out,
-        rec.pod
-            .as_deref()
-            .map(|p| p.full_name().as_bytes())
-            .unwrap_or_default(),
-    );
+    token(out, rec.user().as_bytes());
     out.extend_from_slice(b" [");
     push_padded(out, u64::from(c.day), 2);
     out.push(b'/');

@@ -192,6 +192,15 @@ impl AccessRecord {
 
     /// The policy's reason; for a tunnel that failed its ClientHello check (closed, or
     /// relayed under a `report` rule), the check's (`sni-mismatch`, ...).
+    /// The user name the text formats log (Squid's `%[un`, combined's `%u`): the client
+    /// pod as `namespace/name`, empty when the client is not a known pod.
+    pub fn user(&self) -> &str {
+        self.pod
+            .as_deref()
+            .map(|p| p.full_name())
+            .unwrap_or_default()
+    }
+
     pub fn reason_str(&self) -> &'static str {
         match self.tls {
             Some(check) if check.reason.is_failure() => check.reason.as_str(),

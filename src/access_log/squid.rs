@@ -40,13 +40,7 @@ pub(super) fn write_squid(rec: &AccessRecord, out: &mut Vec<u8>) {
     token(out, rec.target.as_bytes());
     // `%[un`, the user name: the client pod (`namespace/name`) when known.
     out.push(b' ');
-    token(
-        out,
-        rec.pod
-            .as_deref()
-            .map(|p| p.full_name().as_bytes())
-            .unwrap_or_default(),
-    );
+    token(out, rec.user().as_bytes());
     out.push(b' ');
     squid_hierarchy(rec, out);
     out.push(b' ');
