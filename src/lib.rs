@@ -17,6 +17,7 @@ pub mod limit;
 pub mod metrics;
 pub mod net;
 pub mod proxy;
+pub mod relay;
 pub mod server;
 pub mod state;
 pub mod tls;

@@ -23,6 +23,7 @@ const LOWER: &[&str] = &[
     "state",
     "tracker",
     "net",
+    "relay",
 ];
 
 /// Each edge between top-level modules with the files that make it.

@@ -10,7 +10,7 @@ else (fresh instance per repetition, interleaving, pinning, accounting, checks, 
 peerbench's unchanged code.
 
     pbx.py [--extra NAME ADDR LOG CMD]... [--squid-extra NAME PORT TEMPLATE]...
-           [--render-squid NAME PORT TEMPLATE]... [--nginx-template FILE]
+           [--render-squid NAME PORT TEMPLATE]... [--nginx-template FILE] [--probe]
            -- <peerbench.py options>
 
 --extra          another command-line proxy (like --proxy-cmd); LOG may be '-' (none)
@@ -19,6 +19,8 @@ peerbench's unchanged code.
 --render-squid   only render such a Squid config into <workdir>/NAME/squid.conf (for a Squid
                  that a --extra command starts itself, e.g. a parent proxy in a chain)
 --nginx-template origin template to use instead of peerbench's conf/nginx.conf.tmpl
+--probe          wrap the bulk and connect workloads with probe.py's peer-side counters (what the
+                 proxy's relaying costs the client and the origin); probe_report.py tabulates them
 """
 import argparse
 import os
@@ -42,6 +44,17 @@ def render_file(src, dest, values):
     return dest
 
 
+def port_free(addr):
+    """Refuse to measure a stale process that still listens where a fresh instance should."""
+    import socket
+    try:
+        with socket.create_connection(addr, timeout=0.5):
+            pass
+    except OSError:
+        return
+    raise RuntimeError(f"something already listens on {addr[0]}:{addr[1]}; a stale proxy would be measured")
+
+
 def main():
     argv = sys.argv[1:]
     if "--" in argv:
@@ -54,7 +67,13 @@ def main():
     ap.add_argument("--squid-extra", nargs=3, action="append", default=[], metavar=("NAME", "PORT", "TEMPLATE"))
     ap.add_argument("--render-squid", nargs=3, action="append", default=[], metavar=("NAME", "PORT", "TEMPLATE"))
     ap.add_argument("--nginx-template")
+    ap.add_argument("--probe", action="store_true",
+                    help="add the peer-side counters of probe.py to bulk and connect (raw.jsonl 'probe')")
     x = ap.parse_args(mine)
+
+    if x.probe:
+        import probe
+        probe.install(pb)
 
     if x.nginx_template:
         tmpl = os.path.abspath(x.nginx_template)
@@ -89,8 +108,12 @@ def main():
                 lambda name=name, port=port, template=template: squid_prep(a, name, port, template),
                 os.path.join(d, "access.log")))
         for name, addr, logp, cmd in x.extra:
-            specs.append(pb.ProxySpec(name, pb.loopback_addr(addr), ["bash", "-c", "exec " + cmd], None,
-                                      None if logp == "-" else logp))
+            addr = pb.loopback_addr(addr)
+            specs.append(pb.ProxySpec(name, addr, ["bash", "-c", "exec " + cmd],
+                                      lambda addr=addr: port_free(addr), None if logp == "-" else logp))
+        for spec in specs:
+            if spec.argv and spec.prepare is None:
+                spec.prepare = lambda addr=spec.addr: port_free(addr)
         return specs
     pb.build_specs = build_specs
 

@@ -26,6 +26,13 @@
 #                                        AB_WORKLOADS=connect,bulk run.sh ab
 #           (the tunnel ClientHello check: `tls.ports = []` turns the whole stage off;
 #           `tls.sni = "off"` only stops comparing the name, the hello is still read)
+#  7 tunnel the tunnel data path (issue 15): $TUNNEL_PEERS (direct,squid,g3proxy) and one Kalmar
+#           per configuration in $TUNNEL_VARIANTS (space-separated NAME=ENV,ENV...; default:
+#           the shipped config as "kalmar"), $TUNNEL_WORKLOADS (bulk,connect,http),
+#           $TUNNEL_REPS (5) repetitions, $TUNNEL_DOWNLOADS (10) 100 MiB downloads per bulk
+#           repetition, $TUNNEL_DURATION (10) s per http/connect run; with probe.py's
+#           peer-side counters (probe.md beside summary.md). Not in the default set. e.g.
+#             TUNNEL_VARIANTS="copy= splice=KALMAR_TUNNEL__RELAY=splice" run.sh tunnel
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -121,6 +128,22 @@ for run in "${RUNS[@]}"; do
             --workloads "${AB_WORKLOADS:-http,connect}" --reps "${AB_REPS:-5}" \
             --workdir "$WORKDIR" --out "$OUT/ab"
         ;;
-    *) echo "unknown run $run (main acl log chain cache ab)" >&2; exit 2 ;;
+    tunnel)
+        # Every configuration in $TUNNEL_VARIANTS ("NAME=KEY=VALUE,KEY=VALUE NAME2=..."; the
+        # keys are Kalmar's environment overrides) side by side with direct, Squid and g3proxy.
+        args=()
+        for v in ${TUNNEL_VARIANTS:-kalmar=}; do
+            name="${v%%=*}" envs="${v#*=}"
+            log="$WORKDIR/$name-access.log"; rm -f "$log"
+            args+=(--extra "$name" "$ADDR" "$log" "$(kcmd "$KCONF" "$log" "${envs//,/ }")")
+        done
+        reps="${TUNNEL_REPS:-5}"
+        python3 "$HERE/pbx.py" --probe "${args[@]}" -- --proxies "${TUNNEL_PEERS-direct,squid,g3proxy}" \
+            --workloads "${TUNNEL_WORKLOADS:-bulk,connect,http}" --reps "$reps" --bulk-reps "$reps" \
+            --bulk-downloads "${TUNNEL_DOWNLOADS:-10}" --duration "${TUNNEL_DURATION:-10}" \
+            --workdir "$WORKDIR" --out "$OUT/tunnel"
+        python3 "$HERE/probe_report.py" "$OUT/tunnel" > /dev/null
+        ;;
+    *) echo "unknown run $run (main acl log chain cache ab tunnel)" >&2; exit 2 ;;
     esac
 done

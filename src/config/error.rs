@@ -229,6 +229,14 @@ mod tests {
                 "nonsense: unknown key, expected one of: server, timeouts,",
             ),
             (
+                "[tunnel]\nrelay = \"zero-copy\"",
+                "tunnel.relay: unknown value \"zero-copy\", expected one of: copy, splice",
+            ),
+            (
+                "[tunnel]\nbuffer = \"1KiB\"",
+                "tunnel.buffer: 1.0 KiB: must be between 4 KiB and 4 MiB",
+            ),
+            (
                 "[server]\nworkers = \"four\"",
                 "server.workers: invalid type: string \"four\", expected an integer",
             ),

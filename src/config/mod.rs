@@ -71,6 +71,9 @@ pub struct Config {
     /// Pod identity from the Kubernetes API (`[kubernetes]`).
     #[serde(default)]
     pub kubernetes: crate::kubernetes::KubernetesConfig,
+    /// How tunnels move their bytes (`[tunnel]`).
+    #[serde(default)]
+    pub tunnel: crate::relay::TunnelConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +155,7 @@ keyed_errors!(
     crate::cache::CacheConfigError,
     crate::connect::resolver::DnsConfigError,
     crate::connect::upstream::UpstreamConfigError,
+    crate::relay::TunnelConfigError,
 );
 
 // === impl Config ===
@@ -287,6 +291,7 @@ impl Config {
         }
         self.cache.validate()?;
         self.upstream.validate()?;
+        self.tunnel.validate()?;
         Ok(())
     }
 

@@ -21,7 +21,6 @@ pub mod cache_stage;
 pub mod ctx;
 pub mod forward;
 pub mod headers;
-pub mod relay;
 pub mod target;
 pub mod tunnel;
 pub mod tunnel_tls;

@@ -9,7 +9,7 @@
 //! This module opens the tunnel (the far end comes from the one connect step,
 //! `connect::Connector::tunnel`) and spawns its task. On a `tls.ports` port the task first
 //! checks the client's ClientHello (stage 8a, `super::tunnel_tls`), which may close the
-//! tunnel; moving the bytes is `super::relay`.
+//! tunnel; moving the bytes is `crate::relay`.
 //! The client's `TcpStream` is taken back out of hyper's upgraded connection so that
 //! hyper's read buffer is freed: together with the relay, which holds no buffer while a
 //! tunnel is idle, that keeps an idle tunnel to a few KiB.
@@ -31,13 +31,13 @@ use tokio::net::TcpStream;
 
 use super::body::ClientBody;
 use super::ctx::RequestCtx;
-use super::relay::{TunnelEnd, relay, relay_io};
 use super::tunnel_tls::{Inspected, Inspection};
 use super::{Exchange, Proxy};
 use crate::connect::{Path, TunnelStream};
 use crate::error::ProxyError;
 use crate::limit::TunnelPermit;
 use crate::net::ClientIo;
+use crate::relay::{RelaySettings, TunnelEnd, relay, relay_io};
 
 // === impl Exchange ===
 
@@ -77,6 +77,7 @@ impl Exchange<'_> {
         );
         let mut tunnel_ctx = self.ctx.detach_tunnel();
         let idle = self.snap.config.timeouts.tunnel_idle;
+        let relay_settings = self.snap.config.tunnel.settings();
         let proxy = Arc::clone(self.proxy);
         let guard = proxy.tracker.tunnel_started();
         tokio::spawn(async move {
@@ -93,7 +94,12 @@ impl Exchange<'_> {
                             far,
                         };
                         tunnel
-                            .inspect_and_relay(inspection, &mut tunnel_ctx, &proxy, idle)
+                            .inspect_and_relay(
+                                inspection,
+                                &mut tunnel_ctx,
+                                &proxy,
+                                (idle, relay_settings),
+                            )
                             .await
                     }
                     Err(e) => {
@@ -136,7 +142,7 @@ impl Tunnel {
         inspection: Option<Inspection>,
         ctx: &mut RequestCtx,
         proxy: &Proxy,
-        idle: Duration,
+        (idle, settings): (Duration, RelaySettings),
     ) -> (u64, u64, TunnelEnd) {
         if let Some(inspection) = inspection {
             // A rule with `protocol = "any"` may serve a protocol whose server speaks
@@ -173,12 +179,13 @@ impl Tunnel {
             buffered,
             far,
         } = self;
+        let tracker = &proxy.tracker;
         match far {
             TunnelStream::Tcp(origin, early) => {
-                relay(client, origin, buffered, early, idle, &proxy.tracker).await
+                relay(client, origin, (buffered, early), idle, settings, tracker).await
             }
             TunnelStream::Parent(origin, early) => {
-                relay_io(client, origin, buffered, early, idle, &proxy.tracker).await
+                relay_io(client, origin, (buffered, early), idle, settings, tracker).await
             }
         }
     }

@@ -3,13 +3,20 @@
 //! when both directions are done, on an error, after `tunnel_idle` without a byte in
 //! either direction, or at the end of a shutdown's grace period.
 //!
-//! Between two plain TCP sockets (an origin, or a plain-TCP parent), on Linux, each burst
-//! of readable data is spliced socket → pipe → socket (`splice(2)`, see `relay::splice`),
-//! so the bytes never pass through user space. On other systems, when no pipe can be had,
-//! or once splice has turned out unsupported, a burst is copied through a 64 KiB buffer
-//! instead. Either way the pipe or buffer is borrowed from a per-thread pool for the burst
-//! only and given back once the source says `WouldBlock`: an idle tunnel holds neither. A
-//! TLS parent takes [`relay_io`], a plain copy over the TLS stream with a buffer per
+//! Between two plain TCP sockets (an origin, or a plain-TCP parent) each burst of readable
+//! data is, on Linux, spliced socket → pipe → socket (`tunnel.relay = "splice"`, the
+//! default; see `relay::splice`), so the bytes never pass through user space; elsewhere,
+//! with `"copy"`, or when splice cannot be used, it is copied through a buffer. Either
+//! way the pipe or buffer is borrowed from a per-thread pool for the burst only and given
+//! back once the source says `WouldBlock`: an idle tunnel holds neither.
+//!
+//! Both sockets get `TCP_NOTSENT_LOWAT` (`tunnel.notsent_lowat`): the destination counts as
+//! writable only while little of what was written is still unsent, so a direction stalls
+//! on its destination instead of forwarding every segment the moment it arrives. What the
+//! source sends meanwhile waits in the kernel, and the next burst takes it in one go. That
+//! is what the peers pay for (README, Performance: what a relay does to its peers).
+//!
+//! A TLS parent takes [`relay_io`], a plain copy over the TLS stream with a buffer per
 //! direction.
 
 use std::io;
@@ -24,11 +31,11 @@ use tokio::net::TcpStream;
 use crate::error::ErrorKind;
 use crate::net::write_all;
 
+mod config;
 #[cfg(target_os = "linux")]
 mod splice;
 
-/// Bytes read per syscall while a burst lasts.
-const BURST_BUF: usize = 64 * 1024;
+pub use self::config::{RelayMode, RelaySettings, TunnelConfig, TunnelConfigError};
 
 /// Buffer per direction of the generic (TLS parent) relay.
 const IO_BUF: usize = 16 * 1024;
@@ -53,22 +60,54 @@ impl TunnelEnd {
     }
 }
 
+/// What one direction has moved: its byte count, and the tunnel's last activity
+/// (milliseconds since `start`, shared by both directions for the idle timeout).
+struct Moved<'a> {
+    total: &'a AtomicU64,
+    activity: &'a AtomicU64,
+    start: Instant,
+}
+
+impl Moved<'_> {
+    /// Bytes have arrived from the source.
+    fn arrived(&self) {
+        self.activity
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes have been written to the destination.
+    fn delivered(&self, n: usize) {
+        self.total.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
 /// Relay until both directions are done. Returns (client→origin, origin→client) bytes.
 /// `buffered` goes to the origin first, `early` (a parent's bytes after its head) to the
 /// client first.
 pub async fn relay(
     client: TcpStream,
     origin: TcpStream,
-    buffered: Bytes,
-    early: Bytes,
+    (buffered, early): (Bytes, Bytes),
     idle: Duration,
+    settings: RelaySettings,
     tracker: &crate::tracker::Tracker,
 ) -> (u64, u64, TunnelEnd) {
+    tune(&client, settings.client_nodelay, &settings);
+    tune(&origin, settings.origin_nodelay, &settings);
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
     let up_bytes = AtomicU64::new(buffered.len() as u64);
     let down_bytes = AtomicU64::new(early.len() as u64);
     let (mut buffered, mut early) = (Some(buffered), Some(early));
+    let up = Moved {
+        total: &up_bytes,
+        activity: &last_activity,
+        start,
+    };
+    let down = Moved {
+        total: &down_bytes,
+        ..up
+    };
     let relay = async {
         // Written, then dropped: nothing but the sockets lives on while the tunnel idles.
         if let Some(bytes) = buffered.take().filter(|b| !b.is_empty()) {
@@ -78,8 +117,8 @@ pub async fn relay(
             write_all(&client, &bytes).await?;
         }
         tokio::try_join!(
-            pipe(&client, &origin, &up_bytes, &last_activity, start),
-            pipe(&origin, &client, &down_bytes, &last_activity, start),
+            pipe(&client, &origin, &up, &settings),
+            pipe(&origin, &client, &down, &settings),
         )
     };
     let end = run_until_end(relay, start, &last_activity, idle, tracker).await;
@@ -94,15 +133,25 @@ pub async fn relay(
 pub async fn relay_io<S: AsyncRead + AsyncWrite + Unpin>(
     client: TcpStream,
     origin: S,
-    buffered: Bytes,
-    early: Bytes,
+    (buffered, early): (Bytes, Bytes),
     idle: Duration,
+    settings: RelaySettings,
     tracker: &crate::tracker::Tracker,
 ) -> (u64, u64, TunnelEnd) {
+    tune(&client, settings.client_nodelay, &settings);
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
     let up_bytes = AtomicU64::new(buffered.len() as u64);
     let down_bytes = AtomicU64::new(early.len() as u64);
+    let up = Moved {
+        total: &up_bytes,
+        activity: &last_activity,
+        start,
+    };
+    let down = Moved {
+        total: &down_bytes,
+        ..up
+    };
     let (mut client_rd, mut client_wr) = client.into_split();
     let (mut origin_rd, mut origin_wr) = tokio::io::split(origin);
     let relay = async {
@@ -114,20 +163,8 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite + Unpin>(
             client_wr.write_all(&early).await?;
         }
         tokio::try_join!(
-            pipe_io(
-                &mut client_rd,
-                &mut origin_wr,
-                &up_bytes,
-                &last_activity,
-                start
-            ),
-            pipe_io(
-                &mut origin_rd,
-                &mut client_wr,
-                &down_bytes,
-                &last_activity,
-                start
-            ),
+            pipe_io(&mut client_rd, &mut origin_wr, &up),
+            pipe_io(&mut origin_rd, &mut client_wr, &down),
         )
     };
     let end = run_until_end(relay, start, &last_activity, idle, tracker).await;
@@ -136,6 +173,26 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite + Unpin>(
         down_bytes.load(Ordering::Relaxed),
         end,
     )
+}
+
+/// The socket options `[tunnel]` asks for; a refusal is logged, never fatal (the tunnel
+/// works with the kernel's defaults).
+fn tune(stream: &TcpStream, nodelay: bool, settings: &RelaySettings) {
+    let sock = socket2::SockRef::from(stream);
+    let mut result = sock.set_tcp_nodelay(nodelay);
+    if settings.send_buffer > 0 {
+        result = result.and(sock.set_send_buffer_size(settings.send_buffer));
+    }
+    if settings.recv_buffer > 0 {
+        result = result.and(sock.set_recv_buffer_size(settings.recv_buffer));
+    }
+    #[cfg(target_os = "linux")]
+    if settings.notsent_lowat > 0 {
+        result = result.and(sock.set_tcp_notsent_lowat(settings.notsent_lowat));
+    }
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "a [tunnel] socket option was refused");
+    }
 }
 
 /// Drive `relay` until both directions are done, or an error, the idle timeout, or the end
@@ -171,9 +228,7 @@ async fn idle_watch(start: Instant, last_activity: &AtomicU64, idle: Duration) {
 async fn pipe_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     from: &mut R,
     to: &mut W,
-    total: &AtomicU64,
-    activity: &AtomicU64,
-    start: Instant,
+    moved: &Moved<'_>,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; IO_BUF];
     loop {
@@ -182,10 +237,10 @@ async fn pipe_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             let _ = to.shutdown().await;
             return Ok(());
         }
-        activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        moved.arrived();
         to.write_all(&buf[..n]).await?;
         to.flush().await?;
-        total.fetch_add(n as u64, Ordering::Relaxed);
+        moved.delivered(n);
     }
 }
 
@@ -198,23 +253,23 @@ enum Burst {
 }
 
 /// Copy `from` → `to` until EOF, then shut `to`'s write side (half-close). Each burst of
-/// readable data is spliced (Linux) or else copied through a borrowed buffer.
+/// readable data is spliced (`"splice"`, Linux) or else copied through a borrowed buffer.
 async fn pipe(
     from: &TcpStream,
     to: &TcpStream,
-    total: &AtomicU64,
-    activity: &AtomicU64,
-    start: Instant,
+    moved: &Moved<'_>,
+    settings: &RelaySettings,
 ) -> io::Result<()> {
     loop {
         from.readable().await?;
-        #[cfg(target_os = "linux")]
-        let burst = match splice::burst(from, to, total, activity, start).await? {
-            Some(burst) => burst,
-            None => copy_burst(from, to, total, activity, start).await?,
+        let burst = match settings.mode {
+            #[cfg(target_os = "linux")]
+            RelayMode::Splice => match splice::burst(from, to, moved, settings.pipe).await? {
+                Some(burst) => burst,
+                None => copy_burst(from, to, moved, settings.buffer).await?,
+            },
+            _ => copy_burst(from, to, moved, settings.buffer).await?,
         };
-        #[cfg(not(target_os = "linux"))]
-        let burst = copy_burst(from, to, total, activity, start).await?;
         if let Burst::Eof = burst {
             // Peer finished sending: pass the FIN on, keep the other direction open.
             let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
@@ -223,16 +278,17 @@ async fn pipe(
     }
 }
 
-/// One burst of `from` → `to` through a buffer borrowed from this thread for the burst.
+/// One burst of `from` → `to` through a buffer of `size` bytes borrowed from this thread
+/// for the burst.
 async fn copy_burst(
     from: &TcpStream,
     to: &TcpStream,
-    total: &AtomicU64,
-    activity: &AtomicU64,
-    start: Instant,
+    moved: &Moved<'_>,
+    size: usize,
 ) -> io::Result<Burst> {
-    let mut buf = borrow_buffer();
-    let burst = loop {
+    let mut lent = LentBuffer::borrow(size);
+    let buf = &mut lent.0;
+    loop {
         buf.clear();
         // A read shorter than the buffer drained the socket, so readiness is cleared
         // right away (by answering WouldBlock to `try_io`) instead of paying one more
@@ -240,8 +296,8 @@ async fn copy_burst(
         // new readiness event, which tokio does not clear.
         let mut drained = false;
         let read = from.try_io(tokio::io::Interest::READABLE, || {
-            let n = from.try_read_buf(&mut buf)?;
-            if n > 0 && n < BURST_BUF {
+            let n = from.try_read_buf(buf)?;
+            if n > 0 && n < size {
                 drained = true;
                 return Err(io::ErrorKind::WouldBlock.into());
             }
@@ -252,46 +308,63 @@ async fn copy_burst(
             other => other,
         };
         match read {
-            Ok(0) => break Burst::Eof,
+            Ok(0) => return Ok(Burst::Eof),
             Ok(n) => {
-                activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                moved.arrived();
                 write_all(to, &buf[..n]).await?;
-                total.fetch_add(n as u64, Ordering::Relaxed);
+                moved.delivered(n);
                 if drained {
-                    break Burst::Drained;
+                    return Ok(Burst::Drained);
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Burst::Drained,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Err(e) => return Err(e),
         }
-    };
-    return_buffer(buf);
-    Ok(burst)
+    }
 }
 
 thread_local! {
     /// Relay buffers this thread lends for one burst at a time: idle tunnels hold none,
-    /// and a busy thread reuses a few instead of allocating 64 KiB per burst.
+    /// and a busy thread reuses a few instead of allocating one per burst.
     static SPARE_BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Buffers a thread keeps for reuse; more concurrent bursts allocate and free their own.
 const SPARE_BUFFERS_PER_THREAD: usize = 8;
 
-fn borrow_buffer() -> Vec<u8> {
-    SPARE_BUFFERS
-        .with(|spare| spare.borrow_mut().pop())
-        .unwrap_or_else(|| Vec::with_capacity(BURST_BUF))
+/// A buffer lent to one burst; dropped, it goes back to this thread's spares (also when
+/// the tunnel ends mid-burst).
+struct LentBuffer(Vec<u8>);
+
+impl LentBuffer {
+    /// Room for exactly `size` bytes: `try_read_buf` fills the capacity, and the copy
+    /// path tells a drained socket by a short read. A spare of another size (from before a
+    /// reload changed `tunnel.buffer`) is freed.
+    fn borrow(size: usize) -> LentBuffer {
+        #[cfg(test)]
+        tests::LENT_BUFFERS.with(|n| n.set(n.get() + 1));
+        let buf = SPARE_BUFFERS
+            .with(|spare| spare.borrow_mut().pop())
+            .filter(|buf| buf.capacity() == size)
+            .unwrap_or_else(|| Vec::with_capacity(size));
+        LentBuffer(buf)
+    }
 }
 
-fn return_buffer(mut buf: Vec<u8>) {
-    buf.clear();
-    SPARE_BUFFERS.with(|spare| {
-        let mut spare = spare.borrow_mut();
-        if spare.len() < SPARE_BUFFERS_PER_THREAD {
-            spare.push(buf);
-        }
-    });
+impl Drop for LentBuffer {
+    fn drop(&mut self) {
+        #[cfg(test)]
+        let _ = tests::LENT_BUFFERS.try_with(|n| n.set(n.get() - 1));
+        let mut buf = std::mem::take(&mut self.0);
+        buf.clear();
+        // `try_with`: a thread being torn down just frees it.
+        let _ = SPARE_BUFFERS.try_with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < SPARE_BUFFERS_PER_THREAD {
+                spare.push(buf);
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -306,6 +379,23 @@ mod tests {
     use crate::tracker::Tracker;
 
     const MIB: usize = 1024 * 1024;
+
+    thread_local! {
+        /// Copy buffers lent by this thread and not given back yet.
+        pub(super) static LENT_BUFFERS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    fn lent_buffers() -> usize {
+        LENT_BUFFERS.get()
+    }
+
+    /// Bytes held for bursts (pipes and buffers) by this thread's relays right now.
+    fn lent_anything() -> usize {
+        #[cfg(target_os = "linux")]
+        return lent_buffers() + lent_pipes();
+        #[cfg(not(target_os = "linux"))]
+        lent_buffers()
+    }
 
     /// What a stream carries: a pseudo-random block repeated. Its length is prime, so it
     /// never lines up with read or write sizes: a lost, doubled or reordered chunk shows.
@@ -389,17 +479,84 @@ mod tests {
         relay: JoinHandle<(u64, u64, TunnelEnd)>,
     }
 
-    async fn tunnel() -> Tunnel {
+    /// The relay as `[tunnel] relay = "splice"` runs it (on Linux; a copy elsewhere).
+    const SPLICE: RelaySettings = RelaySettings {
+        mode: RelayMode::Splice,
+        buffer: 16 * 1024,
+        pipe: 256 * 1024,
+        client_nodelay: true,
+        origin_nodelay: true,
+        send_buffer: 0,
+        recv_buffer: 0,
+        notsent_lowat: 0,
+    };
+
+    /// `relay = "copy"` with the shipped buffer: every test's bursts span many reads.
+    const COPY: RelaySettings = RelaySettings {
+        mode: RelayMode::Copy,
+        ..SPLICE
+    };
+
+    /// The shipped settings: splice, and `TCP_NOTSENT_LOWAT` on both sockets.
+    const SHIPPED: RelaySettings = RelaySettings {
+        notsent_lowat: 16 * 1024,
+        ..SPLICE
+    };
+
+    /// A copy with the low-water mark, and both sockets' buffers set by hand.
+    const COPY_TUNED: RelaySettings = RelaySettings {
+        notsent_lowat: 4 * 1024,
+        send_buffer: 64 * 1024,
+        recv_buffer: 64 * 1024,
+        ..COPY
+    };
+
+    #[test]
+    fn the_shipped_default_is_what_the_tests_call_shipped() {
+        assert_eq!(RelaySettings::default(), SHIPPED);
+    }
+
+    #[tokio::test]
+    async fn eight_mib_each_way_with_the_low_water_mark() {
+        #[cfg(target_os = "linux")]
+        splice::test_hooks::reset();
+        both_ways(8 * MIB, SHIPPED).await;
+        both_ways(8 * MIB, COPY_TUNED).await;
+        assert_eq!(lent_anything(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_gets_everything_with_the_low_water_mark() {
+        slow_reader(SHIPPED).await;
+        slow_reader(COPY_TUNED).await;
+    }
+
+    #[tokio::test]
+    async fn the_socket_options_are_set() {
+        let (client_side, _client) = pair().await;
+        tune(&client_side, false, &COPY_TUNED);
+        let sock = socket2::SockRef::from(&client_side);
+        assert!(!sock.tcp_nodelay().unwrap());
+        #[cfg(target_os = "linux")]
+        assert_eq!(sock.tcp_notsent_lowat().unwrap(), 4 * 1024);
+        // Linux doubles what it is asked for (bookkeeping overhead).
+        assert!(sock.recv_buffer_size().unwrap() >= 64 * 1024);
+        tune(&client_side, true, &SHIPPED);
+        assert!(sock.tcp_nodelay().unwrap());
+    }
+
+    async fn tunnel(settings: RelaySettings) -> Tunnel {
         let (client_side, client) = pair().await;
         let (origin_side, origin) = pair().await;
         let idle = Duration::from_secs(60);
-        tunnel_between((client_side, client), (origin_side, origin), idle)
+        tunnel_between((client_side, client), (origin_side, origin), idle, settings)
     }
 
     fn tunnel_between(
         client: (TcpStream, TcpStream),
         origin: (TcpStream, TcpStream),
         idle: Duration,
+        settings: RelaySettings,
     ) -> Tunnel {
         let tracker = Tracker::new();
         let (client_side, origin_side) = (client.0, origin.0);
@@ -407,9 +564,9 @@ mod tests {
             relay(
                 client_side,
                 origin_side,
-                Bytes::new(),
-                Bytes::new(),
+                (Bytes::new(), Bytes::new()),
                 idle,
+                settings,
                 &tracker,
             )
             .await
@@ -428,12 +585,12 @@ mod tests {
     }
 
     /// `len` bytes each way at once, checked end to end.
-    async fn both_ways(len: usize) {
+    async fn both_ways(len: usize, settings: RelaySettings) {
         let Tunnel {
             client,
             origin,
             relay,
-        } = tunnel().await;
+        } = tunnel(settings).await;
         let (up, down) = (block(1), block(2));
         let (client_rd, client_wr) = client.into_split();
         let (origin_rd, origin_wr) = origin.into_split();
@@ -453,7 +610,7 @@ mod tests {
     async fn eight_mib_each_way_at_once() {
         #[cfg(target_os = "linux")]
         splice::test_hooks::reset();
-        both_ways(8 * MIB).await;
+        both_ways(8 * MIB, SPLICE).await;
         #[cfg(target_os = "linux")]
         {
             assert!(splice::test_hooks::splice_works(), "the bytes were spliced");
@@ -462,13 +619,21 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn eight_mib_each_way_at_once_in_copy_mode() {
+        both_ways(8 * MIB, COPY).await;
+        assert_eq!(lent_anything(), 0);
+        let spare = SPARE_BUFFERS.with(|spare| spare.borrow().len());
+        assert!((1..=SPARE_BUFFERS_PER_THREAD).contains(&spare), "{spare}");
+    }
+
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn eight_mib_each_way_at_once_by_copying() {
+    async fn eight_mib_each_way_at_once_when_splice_is_unsupported() {
         // Splice "unsupported" on its first use: this thread copies from then on.
         splice::test_hooks::reset();
         splice::test_hooks::fail_splice(0, rustix::io::Errno::INVAL);
-        both_ways(8 * MIB).await;
+        both_ways(8 * MIB, SPLICE).await;
         assert!(splice::test_hooks::splice_off());
         assert_eq!(lent_pipes(), 0);
     }
@@ -485,7 +650,7 @@ mod tests {
             client,
             origin,
             relay,
-        } = tunnel().await;
+        } = tunnel(SPLICE).await;
         let (up, down) = (block(3), block(4));
         let (client_rd, client_wr) = client.into_split();
         let (origin_rd, origin_wr) = origin.into_split();
@@ -512,7 +677,7 @@ mod tests {
             mut client,
             mut origin,
             relay,
-        } = tunnel().await;
+        } = tunnel(SPLICE).await;
         client.write_all(b"first").await.unwrap();
         let mut got = [0u8; 5];
         origin.read_exact(&mut got).await.unwrap();
@@ -526,13 +691,18 @@ mod tests {
 
     #[tokio::test]
     async fn half_close_one_way_while_the_other_keeps_flowing() {
+        half_close_one_way(SPLICE).await;
+        half_close_one_way(COPY).await;
+    }
+
+    async fn half_close_one_way(settings: RelaySettings) {
         #[cfg(target_os = "linux")]
         splice::test_hooks::reset();
         let Tunnel {
             client,
             origin,
             relay,
-        } = tunnel().await;
+        } = tunnel(settings).await;
         let (up, down) = (block(5), block(6));
         let (client_rd, client_wr) = client.into_split();
         let (origin_rd, mut origin_wr) = origin.into_split();
@@ -569,6 +739,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_reader_still_gets_everything() {
+        slow_reader(SPLICE).await;
+        slow_reader(COPY).await;
+    }
+
+    async fn slow_reader(settings: RelaySettings) {
         #[cfg(target_os = "linux")]
         splice::test_hooks::reset();
         let idle = Duration::from_secs(60);
@@ -576,24 +751,26 @@ mod tests {
             client,
             origin,
             relay,
-        } = tunnel_between(narrow_pair().await, pair().await, idle);
+        } = tunnel_between(narrow_pair().await, pair().await, idle, settings);
         let down = block(7);
         let (client_rd, client_wr) = client.into_split();
         let (_origin_rd, origin_wr) = origin.into_split();
         let answer = tokio::spawn(send(origin_wr, down.clone(), 8 * MIB));
 
-        // Nobody reads yet: the relay is stuck on the client with bytes in its pipe, which
-        // it keeps.
-        #[cfg(target_os = "linux")]
-        {
-            let waited = Instant::now();
-            while lent_pipes() != 1 {
-                assert!(waited.elapsed() < Duration::from_secs(10), "no pipe held");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            assert_eq!(lent_pipes(), 1);
+        // Nobody reads yet: the relay is stuck on the client with bytes in its pipe or
+        // buffer, which it keeps.
+        let waited = Instant::now();
+        while lent_anything() != 1 {
+            assert!(waited.elapsed() < Duration::from_secs(10), "nothing held");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(lent_anything(), 1);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            lent_pipes(),
+            usize::from(settings.mode == RelayMode::Splice)
+        );
 
         // Then a reader that takes small sips.
         assert_eq!(receive_by(client_rd, down, 4096).await, 8 * MIB);
@@ -602,8 +779,7 @@ mod tests {
         let (_, down_bytes, end) = relay.await.unwrap();
         assert_eq!(down_bytes, 8 * MIB as u64);
         assert_eq!(end, TunnelEnd::Closed);
-        #[cfg(target_os = "linux")]
-        assert_eq!(lent_pipes(), 0);
+        assert_eq!(lent_anything(), 0);
     }
 
     #[cfg(target_os = "linux")]
@@ -616,7 +792,7 @@ mod tests {
             client,
             origin,
             relay,
-        } = tunnel_between(narrow_pair().await, pair().await, idle);
+        } = tunnel_between(narrow_pair().await, pair().await, idle, SPLICE);
         let (_origin_rd, origin_wr) = origin.into_split();
         let _answer = tokio::spawn(send(origin_wr, block(10), 8 * MIB));
         // Nobody reads: the relay holds a pipe with bytes in it until the idle timeout.
@@ -630,11 +806,22 @@ mod tests {
 
     #[tokio::test]
     async fn idle_relays_hold_no_pipe_and_spares_stay_bounded() {
+        idle_relays_hold_nothing(SPLICE).await;
+    }
+
+    #[tokio::test]
+    async fn idle_relays_hold_no_buffer_in_copy_mode() {
+        idle_relays_hold_nothing(COPY).await;
+        let spare = SPARE_BUFFERS.with(|spare| spare.borrow().len());
+        assert!((1..=SPARE_BUFFERS_PER_THREAD).contains(&spare), "{spare}");
+    }
+
+    async fn idle_relays_hold_nothing(settings: RelaySettings) {
         #[cfg(target_os = "linux")]
         splice::test_hooks::reset();
         let mut tunnels = Vec::new();
         for _ in 0..24 {
-            tunnels.push(tunnel().await);
+            tunnels.push(tunnel(settings).await);
         }
         // Every tunnel moves 512 KiB each way, all at once, then stays open and idle.
         let (up, down) = (block(8), block(9));
@@ -654,9 +841,10 @@ mod tests {
             }
         });
         futures_util::future::join_all(moves).await;
-        // Every byte has arrived, so every relay has given its pipe back.
+        // Every byte has arrived, so every relay has given its pipe or buffer back.
+        assert_eq!(lent_anything(), 0, "an idle relay holds nothing");
         #[cfg(target_os = "linux")]
-        {
+        if settings.mode == RelayMode::Splice {
             assert!(splice::test_hooks::splice_works());
             assert_eq!(lent_pipes(), 0, "an idle relay holds no pipe");
             let spare = splice::test_hooks::spare_here();
@@ -673,6 +861,11 @@ mod tests {
 
     #[tokio::test]
     async fn urgent_data_does_not_wedge_a_direction() {
+        urgent_data(SPLICE).await;
+        urgent_data(COPY).await;
+    }
+
+    async fn urgent_data(settings: RelaySettings) {
         // Splice stops at TCP urgent data, read() steps over it (the urgent byte itself is
         // not relayed, as before): the bytes on either side of it arrive, and the EOF, also
         // when the urgent byte is followed by more bytes and the FIN.
@@ -682,7 +875,7 @@ mod tests {
             mut client,
             mut origin,
             relay,
-        } = tunnel().await;
+        } = tunnel(settings).await;
         let mut got = Vec::new();
         // Phases: bytes, then the urgent byte; more bytes (splice is stuck at the urgent
         // byte now); another urgent byte, more bytes and the FIN.

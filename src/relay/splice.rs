@@ -25,19 +25,15 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rustix::io::Errno;
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_getpipe_size, fcntl_setpipe_size, pipe_with};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::Burst;
+use super::{Burst, Moved};
 use crate::net::write_all;
-
-/// Capacity asked for each pipe; the kernel's default (64 KiB) if it refuses.
-const PIPE_SIZE: usize = 256 * 1024;
 
 /// Capacity assumed when the kernel will not even say.
 const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
@@ -72,18 +68,22 @@ static LENT: AtomicUsize = AtomicUsize::new(0);
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// What was asked for, and what the kernel gave.
+    asked: usize,
     capacity: usize,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    /// A pipe of `size` bytes (`tunnel.pipe`), or the kernel's default if it refuses.
+    fn new(size: usize) -> io::Result<Pipe> {
         let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
-        let capacity = fcntl_setpipe_size(&write, PIPE_SIZE)
+        let capacity = fcntl_setpipe_size(&write, size)
             .or_else(|_| fcntl_getpipe_size(&write))
             .unwrap_or(DEFAULT_PIPE_SIZE);
         Ok(Pipe {
             read,
             write,
+            asked: size,
             capacity,
         })
     }
@@ -98,13 +98,16 @@ struct Lent {
 }
 
 impl Lent {
-    fn borrow() -> Option<Lent> {
+    fn borrow(size: usize) -> Option<Lent> {
         if LENT.fetch_add(1, Ordering::Relaxed) >= MAX_LENT_PIPES {
             LENT.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        let spare = SPARE_PIPES.with(|spare| spare.borrow_mut().pop());
-        let pipe = match spare.map_or_else(Pipe::new, Ok) {
+        // A spare of another size (before a reload changed `tunnel.pipe`) is closed.
+        let spare = SPARE_PIPES
+            .with(|spare| spare.borrow_mut().pop())
+            .filter(|pipe| pipe.asked == size);
+        let pipe = match spare.map_or_else(|| Pipe::new(size), Ok) {
             Ok(pipe) => pipe,
             Err(e) => {
                 LENT.fetch_sub(1, Ordering::Relaxed);
@@ -152,20 +155,19 @@ impl Drop for Lent {
 pub(super) async fn burst(
     from: &TcpStream,
     to: &TcpStream,
-    total: &AtomicU64,
-    activity: &AtomicU64,
-    start: Instant,
+    moved: &Moved<'_>,
+    pipe_size: usize,
 ) -> io::Result<Option<Burst>> {
     if SUPPORT.get() == Support::Unavailable {
         return Ok(None);
     }
-    let Some(mut lent) = Lent::borrow() else {
+    let Some(mut lent) = Lent::borrow(pipe_size) else {
         return Ok(None);
     };
     let mut first = true;
     loop {
         // The pipe is empty and asked for at most what it holds: EAGAIN is `from`'s.
-        let moved = from.try_io(Interest::READABLE, || {
+        let spliced = from.try_io(Interest::READABLE, || {
             match splice_fds(from, &lent.pipe().write, lent.pipe().capacity) {
                 Ok(n) => Ok(Some(n)),
                 // Readable, yet nothing to splice on a burst's first try: a stale wakeup,
@@ -177,14 +179,14 @@ pub(super) async fn burst(
             }
         });
         first = false;
-        match moved {
+        match spliced {
             // Splice also answers 0 at urgent data followed by the peer's FIN: a read()
             // tells (once per direction) whether that is really all.
             Ok(None | Some(0)) => return Ok(None),
             Ok(Some(n)) => {
-                activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                moved.arrived();
                 lent.held = n;
-                if !drain(&mut lent, to, total).await? {
+                if !drain(&mut lent, to, moved).await? {
                     return Ok(None);
                 }
             }
@@ -197,23 +199,23 @@ pub(super) async fn burst(
 
 /// Write all the pipe holds to `to`, counting it into `total` as it goes. `false`: splice
 /// turned out unsupported; the bytes were written by a plain copy instead.
-async fn drain(lent: &mut Lent, to: &TcpStream, total: &AtomicU64) -> io::Result<bool> {
+async fn drain(lent: &mut Lent, to: &TcpStream, moved: &Moved<'_>) -> io::Result<bool> {
     while lent.held > 0 {
         // Also a yield point: a burst that never blocks must not starve the thread.
         to.writable().await?;
-        let moved = to.try_io(Interest::WRITABLE, || {
+        let spliced = to.try_io(Interest::WRITABLE, || {
             splice_fds(&lent.pipe().read, to, lent.held).map_err(io::Error::from)
         });
-        match moved {
+        match spliced {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 lent.held -= n;
-                total.fetch_add(n as u64, Ordering::Relaxed);
+                moved.delivered(n);
                 SUPPORT.set(Support::Works);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if unsupported(&e) => {
-                rescue(lent, to, total).await?;
+                rescue(lent, to, moved).await?;
                 return Ok(false);
             }
             Err(e) => return Err(e),
@@ -223,7 +225,7 @@ async fn drain(lent: &mut Lent, to: &TcpStream, total: &AtomicU64) -> io::Result
 }
 
 /// Splice cannot write to `to` after all: read what the pipe holds and write it.
-async fn rescue(lent: &mut Lent, to: &TcpStream, total: &AtomicU64) -> io::Result<()> {
+async fn rescue(lent: &mut Lent, to: &TcpStream, moved: &Moved<'_>) -> io::Result<()> {
     let mut bytes = vec![0u8; lent.held];
     let mut filled = 0;
     while filled < bytes.len() {
@@ -234,7 +236,7 @@ async fn rescue(lent: &mut Lent, to: &TcpStream, total: &AtomicU64) -> io::Resul
     }
     lent.held = 0;
     write_all(to, &bytes).await?;
-    total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    moved.delivered(bytes.len());
     Ok(())
 }
 
