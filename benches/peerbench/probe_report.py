@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tabulate probe.py's peer-side counters from a pbx.py --probe run.
 
-    probe_report.py RESULTS_DIR [--client-cpu cpu0] [--proxy-cpu cpu1]
+    probe_report.py RESULTS_DIR [--client-cpu cpu0] [--proxy-cpu cpu1] [--pairs A/B,...]
 
 Writes RESULTS_DIR/probe.md (and prints it): per proxy, the median over valid repetitions of
 each figure, per MB of payload (bulk) or per connection (connect).
@@ -52,6 +52,16 @@ def fmt(v, nd=2):
     return f"{v:.{nd}f}"
 
 
+def rate_rows(r, key, label, ccpu):
+    """A rate as measured, at the run's median client-core speed, and against direct's."""
+    f = speed_factor(r, ccpu)
+    return {
+        label: r.get(key),
+        f"{label} at the run's median {ccpu} speed": r[key] / f if f else None,
+        f"{label} / direct's in the same repetition": vs_direct(r, key),
+    }
+
+
 def bulk_rows(r, ccpu, pcpu):
     p = r["probe"]
     mb = r["downloads"] * BULK_BYTES / MB
@@ -72,11 +82,8 @@ def bulk_rows(r, ccpu, pcpu):
             return None
         return d[num] / d[den] * scale
 
-    f = speed_factor(r, ccpu)
     return {
-        "MB/s": r.get("mb_per_s"),
-        f"MB/s at the run's median {ccpu} speed": r["mb_per_s"] / f if f else None,
-        "MB/s / direct's in the same repetition": vs_direct(r, "mb_per_s"),
+        **rate_rows(r, "mb_per_s", "MB/s", ccpu),
         "proxy CPU s/GB": r.get("proxy_cpu_s_per_gb"),
         f"client core ({ccpu}) CPU ms/MB": cpu(ccpu),
         "… user / sys / softirq": "/".join(fmt(cpu(ccpu, (k,)), 3) for k in ("user", "sys", "softirq")),
@@ -123,11 +130,8 @@ def connect_rows(r, ccpu, pcpu):
     def cpu(c):
         return sum(p.get(f"{c}_{k}_ms", 0) for k in ("user", "sys", "softirq")) * 1000 / n
 
-    f = speed_factor(r, ccpu)
     return {
-        "conn/s": r.get("conn_per_s"),
-        f"conn/s at the run's median {ccpu} speed": r["conn_per_s"] / f if f else None,
-        "conn/s / direct's in the same repetition": vs_direct(r, "conn_per_s"),
+        **rate_rows(r, "conn_per_s", "conn/s", ccpu),
         "p99 ms": r.get("p99_ms"),
         "proxy CPU µs/conn": r.get("proxy_cpu_us_per_conn"),
         f"client core ({ccpu}) CPU µs/conn": cpu(ccpu),
@@ -166,11 +170,46 @@ def table(results, workload, rowfn, ccpu, pcpu):
     return "\n".join(lines) + "\n"
 
 
+RATIO_FIGURES = [("http", "proxy_cpu_us_per_req", "HTTP proxy CPU µs/req"), ("http", "p99_ms", "HTTP p99"),
+                 ("connect", "proxy_cpu_us_per_conn", "CONNECT proxy CPU µs/conn"),
+                 ("connect", "conn_per_s", "CONNECT conn/s"), ("bulk", "mb_per_s", "tunnel MB/s"),
+                 ("bulk", "proxy_cpu_s_per_gb", "tunnel proxy CPU s/GB")]
+
+
+def ratios(results, pairs, ccpu, pcpu):
+    """Per-repetition ratios A/B (both measured in the same repetition): median (min-max),
+    and the median after scaling each by the speed probes of the core that figure depends
+    on (the proxy core for CPU time, the client core for rates and latency)."""
+    by = {(r["proxy"], r["workload"], r["rep"]): r for r in results if r.get("valid")}
+    lines = ["### per-repetition ratios", "", "| figure | " + " | ".join(pairs) + " |",
+             "|---|" + "---|" * len(pairs)]
+    for w, key, label in RATIO_FIGURES:
+        cells = []
+        for pair in pairs:
+            a, b = pair.split("/")
+            raw, scaled = [], []
+            for (px, wl, rep), x in by.items():
+                y = by.get((b, wl, rep))
+                if px != a or wl != w or not y or not x.get(key) or not y.get(key):
+                    continue
+                raw.append(x[key] / y[key])
+                cpu = pcpu if "cpu" in key else ccpu
+                fx, fy = speed_factor(x, cpu), speed_factor(y, cpu)
+                if fx and fy:
+                    # CPU time shrinks on a faster core, rates grow, latency shrinks
+                    scaled.append(raw[-1] * (fx / fy if ("cpu" in key or "ms" in key) else fy / fx))
+            cells.append(f"{med(raw):.2f}x ({min(raw):.2f}-{max(raw):.2f}); speed-scaled {med(scaled):.2f}x"
+                         if raw else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("results")
     ap.add_argument("--client-cpu", default="cpu0")
     ap.add_argument("--proxy-cpu", default="cpu1")
+    ap.add_argument("--pairs", default="", help="comma list of A/B: per-repetition ratios of the main figures")
     x = ap.parse_args()
     results = probe.load(os.path.join(x.results, "raw.jsonl"))
     DIRECT.update({(r["workload"], r["rep"]): r for r in results if r.get("proxy") == "direct" and r.get("valid")})
@@ -180,6 +219,8 @@ def main():
     text = "# Peer-side probe\n\n" + "\n".join(
         t for t in (table(results, "bulk", bulk_rows, x.client_cpu, x.proxy_cpu),
                     table(results, "connect", connect_rows, x.client_cpu, x.proxy_cpu)) if t)
+    if x.pairs:
+        text += "\n" + ratios(results, x.pairs.split(","), x.client_cpu, x.proxy_cpu)
     with open(os.path.join(x.results, "probe.md"), "w") as f:
         f.write(text)
     print(text)

@@ -27,8 +27,9 @@
 #           (the tunnel ClientHello check: `tls.ports = []` turns the whole stage off;
 #           `tls.sni = "off"` only stops comparing the name, the hello is still read)
 #  7 tunnel the tunnel data path (issue 15): $TUNNEL_PEERS (direct,squid,g3proxy) and one Kalmar
-#           per configuration in $TUNNEL_VARIANTS (space-separated NAME=ENV,ENV...; default:
-#           the shipped config as "kalmar"), $TUNNEL_WORKLOADS (bulk,connect,http),
+#           per configuration in $TUNNEL_VARIANTS (space-separated NAME=ENV,ENV...; an item
+#           @PATH runs another Kalmar binary; default: the shipped config as "kalmar"),
+#           $TUNNEL_WORKLOADS (bulk,connect,http),
 #           $TUNNEL_REPS (5) repetitions, $TUNNEL_DOWNLOADS (10) 100 MiB downloads per bulk
 #           repetition, $TUNNEL_DURATION (10) s per http/connect run; with probe.py's
 #           peer-side counters (probe.md beside summary.md). Not in the default set. e.g.
@@ -133,9 +134,14 @@ for run in "${RUNS[@]}"; do
         # keys are Kalmar's environment overrides) side by side with direct, Squid and g3proxy.
         args=()
         for v in ${TUNNEL_VARIANTS:-kalmar=}; do
-            name="${v%%=*}" envs="${v#*=}"
+            name="${v%%=*}" envs="" bin="$BIN"
+            IFS=, read -ra items <<< "${v#*=}"
+            for item in "${items[@]}"; do
+                # "@PATH" is another Kalmar binary (a build from before a change)
+                if [[ "$item" == @* ]]; then bin="${item#@}"; else envs+=" $item"; fi
+            done
             log="$WORKDIR/$name-access.log"; rm -f "$log"
-            args+=(--extra "$name" "$ADDR" "$log" "$(kcmd "$KCONF" "$log" "${envs//,/ }")")
+            args+=(--extra "$name" "$ADDR" "$log" "$(kcmd "$KCONF" "$log" "$envs" "$bin")")
         done
         reps="${TUNNEL_REPS:-5}"
         python3 "$HERE/pbx.py" --probe "${args[@]}" -- --proxies "${TUNNEL_PEERS-direct,squid,g3proxy}" \
