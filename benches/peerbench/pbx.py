@@ -25,6 +25,7 @@ peerbench's unchanged code.
 import argparse
 import os
 import shutil
+import socket
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,7 +47,6 @@ def render_file(src, dest, values):
 
 def port_free(addr):
     """Refuse to measure a stale process that still listens where a fresh instance should."""
-    import socket
     try:
         with socket.create_connection(addr, timeout=0.5):
             pass

@@ -253,16 +253,7 @@ pub fn stored_request_headers(headers: &HeaderMap, vary: &[HeaderName]) -> Heade
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (n, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
+    use crate::cache::test_headers as headers;
 
     #[test]
     fn conditionals_follow_rfc_9110() {

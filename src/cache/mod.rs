@@ -482,3 +482,16 @@ impl Drop for FlightGuard {
         self.tx.send_replace(true);
     }
 }
+
+/// A header map from name/value pairs, for the cache's unit tests.
+#[cfg(test)]
+pub(crate) fn test_headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (n, v) in pairs {
+        h.append(
+            http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}

@@ -176,10 +176,15 @@ pub async fn relay_io<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// The socket options `[tunnel]` asks for; a refusal is logged, never fatal (the tunnel
-/// works with the kernel's defaults).
+/// works with the kernel's defaults). Accept and dial (`connect::dial_first`) already set
+/// `TCP_NODELAY` on every socket, so it is only touched here to turn it off: no system
+/// call per tunnel for what is already true.
 fn tune(stream: &TcpStream, nodelay: bool, settings: &RelaySettings) {
     let sock = socket2::SockRef::from(stream);
-    let mut result = sock.set_tcp_nodelay(nodelay);
+    let mut result = Ok(());
+    if !nodelay {
+        result = sock.set_tcp_nodelay(false);
+    }
     if settings.send_buffer > 0 {
         result = result.and(sock.set_send_buffer_size(settings.send_buffer));
     }
@@ -534,6 +539,8 @@ mod tests {
     #[tokio::test]
     async fn the_socket_options_are_set() {
         let (client_side, _client) = pair().await;
+        // As accept and dial leave it.
+        client_side.set_nodelay(true).unwrap();
         tune(&client_side, false, &COPY_TUNED);
         let sock = socket2::SockRef::from(&client_side);
         assert!(!sock.tcp_nodelay().unwrap());
@@ -541,8 +548,11 @@ mod tests {
         assert_eq!(sock.tcp_notsent_lowat().unwrap(), 4 * 1024);
         // Linux doubles what it is asked for (bookkeeping overhead).
         assert!(sock.recv_buffer_size().unwrap() >= 64 * 1024);
+        client_side.set_nodelay(true).unwrap();
         tune(&client_side, true, &SHIPPED);
         assert!(sock.tcp_nodelay().unwrap());
+        #[cfg(target_os = "linux")]
+        assert_eq!(sock.tcp_notsent_lowat().unwrap(), 16 * 1024);
     }
 
     async fn tunnel(settings: RelaySettings) -> Tunnel {
