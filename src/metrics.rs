@@ -58,6 +58,10 @@ pub mod names {
     pub const DNS_LOOKUPS: &str = "kalmar_dns_lookups_total";
     /// Counter: requests sent through an upstream parent proxy, by parent and result.
     pub const UPSTREAM_REQUESTS: &str = "kalmar_upstream_requests_total";
+    /// Counter: requests sent again on a fresh connection because the kept-alive one they
+    /// took was closed by its peer, by reason (unsent: before the request went out; closed:
+    /// after it went out and before any answer, for a request that may be sent twice).
+    pub const UPSTREAM_RETRIES: &str = "kalmar_upstream_retries_total";
     /// Counter: cache lookups, by cache status.
     pub const CACHE_REQUESTS: &str = "kalmar_cache_requests_total";
     /// Counter: response body bytes accounted to the cache, by cache status.
@@ -162,6 +166,26 @@ const TUNNEL_BUCKETS: &[f64] = &[
     0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0,
 ];
 
+/// Why a request was sent again, the `reason` label of [`names::UPSTREAM_RETRIES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamRetry {
+    /// The pooled connection was closed before the request went out.
+    Unsent,
+    /// It was closed after the request went out, before any answer came.
+    Closed,
+}
+
+impl UpstreamRetry {
+    pub const ALL: [UpstreamRetry; 2] = [UpstreamRetry::Unsent, UpstreamRetry::Closed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamRetry::Unsent => "unsent",
+            UpstreamRetry::Closed => "closed",
+        }
+    }
+}
+
 /// Method class, the `method` label of [`names::REQUESTS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MethodClass {
@@ -211,6 +235,8 @@ pub struct Metrics {
     dns_lookups: [IntCounter; 2],
     upstream_vec: IntCounterVec,
     upstream: RwLock<HashMap<Box<str>, ParentCounters>>,
+    /// Indexed by [`UpstreamRetry`].
+    upstream_retries: [IntCounter; UpstreamRetry::ALL.len()],
     cache_requests: [IntCounter; CACHE_STATUSES.len()],
     cache_bytes: [IntCounter; CACHE_STATUSES.len()],
     rate_limited: IntCounter,
@@ -498,6 +524,16 @@ impl Metrics {
                 &[labels::PARENT, labels::RESULT],
             ),
         );
+        let retries_vec = register(
+            r,
+            counter_vec(
+                names::UPSTREAM_RETRIES,
+                "Requests sent again on a fresh connection after the kept-alive one was closed by its peer, by reason.",
+                &[labels::REASON],
+            ),
+        );
+        let upstream_retries =
+            UpstreamRetry::ALL.map(|why| retries_vec.with_label_values(&[why.as_str()]));
         let cache_requests_vec = register(
             r,
             counter_vec(
@@ -594,6 +630,7 @@ impl Metrics {
             dns_lookups,
             upstream_vec,
             upstream: RwLock::new(HashMap::new()),
+            upstream_retries,
             cache_requests,
             cache_bytes,
             rate_limited,
@@ -727,6 +764,11 @@ impl Metrics {
         if !hit {
             self.parent(parent).record(ok);
         }
+    }
+
+    /// One request sent again on a fresh connection.
+    pub fn upstream_retry(&self, why: UpstreamRetry) {
+        self.upstream_retries[why as usize].inc();
     }
 
     /// The counters of one parent proxy, created on first use (at most [`MAX_DYNAMIC_LABELS`]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::kube_api::{Kind, KubeApi, namespace, node, pod};
 use support::origin::Origin;
-use support::{Kalmar, client_from, error_kind};
+use support::{Kalmar, client_from, error_kind, metric};
 
 /// The real kubectl: `KUBECTL`, else on PATH. Missing fails under `CI=true`, else skips.
 fn kubectl() -> Option<String> {
@@ -98,25 +98,6 @@ async fn eventually(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The sum of the samples of `name` carrying every one of `labels` (text exposition format).
-fn metric(kalmar: &Kalmar, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = kalmar.handle().metrics().encode();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, label_text) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let wanted = labels
-                .iter()
-                .all(|(k, v)| label_text.split(',').any(|p| p == format!("{k}=\"{v}\"")));
-            (metric == name && wanted).then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
 }
 
 /// The first access-log line that `pick` accepts (waiting for it up to 10 s).

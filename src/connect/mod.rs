@@ -9,6 +9,7 @@
 
 pub mod body;
 pub mod pool;
+pub mod replay;
 pub mod resolver;
 pub mod upstream;
 
@@ -24,8 +25,8 @@ use tokio::net::TcpStream;
 use crate::access_log::Hop;
 use crate::acl::{AddressDenied, Host};
 use crate::error::{ErrorKind, ProxyError};
-use crate::metrics::Metrics;
-use pool::{Pool, PoolKey, PooledSender};
+use crate::metrics::{Metrics, UpstreamRetry};
+use pool::{Pool, PoolKey, PooledSender, Reuse};
 use resolver::{ResolveError, Resolver};
 use upstream::{Attempts, HandshakeError, Parent, ParentFailure, ParentSet, ParentStream, Route};
 
@@ -85,7 +86,7 @@ pub enum TunnelStream {
 
 /// What one parent attempt is to open.
 enum Want<'d> {
-    Http { pooled: bool },
+    Http { reuse: Reuse },
     Tunnel { authority: &'d str },
 }
 
@@ -111,19 +112,21 @@ pub struct Vetted {
 // === impl Connector ===
 
 impl Connector<'_> {
-    /// A sender for one plain-HTTP exchange along `route`: a pooled one when there is one.
+    /// A sender for one plain-HTTP exchange along `route`: a pooled one when there is one
+    /// that `reuse` allows.
     pub async fn http<'r>(
         &self,
         route: &Route<'r>,
         dst: &Dest<'_>,
         guard: Guard<'_>,
+        reuse: Reuse,
         path: &mut Path,
     ) -> Result<HttpConn<'r>, ProxyError> {
         match route {
             Route::Direct(_) => {
                 let vetted = resolve_vetted(self.resolver, self.metrics, dst, guard).await?;
                 path.hop = Hop::Direct;
-                let sender = self.origin_sender(&vetted, true, path).await?;
+                let sender = self.origin_sender(&vetted, reuse, path).await?;
                 Ok(HttpConn {
                     sender,
                     via: HttpVia::Origin(vetted),
@@ -131,7 +134,7 @@ impl Connector<'_> {
             }
             Route::Parents(parents) => {
                 let mut attempts = self.parent_attempts(parents, dst, guard).await?;
-                let (sender, parent) = self.next_parent_sender(&mut attempts, path).await?;
+                let (sender, parent) = self.next_parent_sender(&mut attempts, reuse, path).await?;
                 Ok(HttpConn {
                     sender,
                     via: HttpVia::Parent { parent, attempts },
@@ -140,19 +143,27 @@ impl Connector<'_> {
         }
     }
 
-    /// A fresh connection in place of a pooled one that the peer had closed (the request
-    /// came back unsent): the same origin, or the same parent and then the next ones.
-    pub async fn reopen(&self, conn: &mut HttpConn<'_>, path: &mut Path) -> Result<(), ProxyError> {
+    /// A fresh connection in place of a pooled one that the peer had closed (`why`: before
+    /// the request went out, or before its answer came): the same origin, or the same
+    /// parent and then the next ones.
+    pub async fn reopen(
+        &self,
+        conn: &mut HttpConn<'_>,
+        why: UpstreamRetry,
+        path: &mut Path,
+    ) -> Result<(), ProxyError> {
+        self.metrics.upstream_retry(why);
         match &mut conn.via {
             HttpVia::Origin(vetted) => {
-                conn.sender = self.origin_sender(vetted, false, path).await?;
+                conn.sender = self.origin_sender(vetted, Reuse::Fresh, path).await?;
             }
             HttpVia::Parent { parent, attempts } => {
-                let fresh = match self.parent_sender(parent, false, path).await {
+                let fresh = match self.parent_sender(parent, Reuse::Fresh, path).await {
                     Ok(sender) => (sender, *parent),
                     Err(failure) => {
                         self.parent_failed(attempts, parent, failure);
-                        self.next_parent_sender(attempts, path).await?
+                        self.next_parent_sender(attempts, Reuse::Fresh, path)
+                            .await?
                     }
                 };
                 (conn.sender, *parent) = fresh;
@@ -222,9 +233,10 @@ impl Connector<'_> {
     async fn next_parent_sender<'p>(
         &self,
         attempts: &mut Attempts<'p>,
+        reuse: Reuse,
         path: &mut Path,
     ) -> Result<(PooledSender, &'p Arc<Parent>), ProxyError> {
-        let want = Want::Http { pooled: true };
+        let want = Want::Http { reuse };
         match self.through_parents(attempts, &want, path).await? {
             (Opened::Http(sender), parent) => Ok((sender, parent)),
             _ => Err(ProxyError::Internal(
@@ -246,8 +258,8 @@ impl Connector<'_> {
         while let Some(parent) = attempts.next_parent() {
             path.hop = Hop::Parent(parent.label().clone());
             let attempt = match want {
-                Want::Http { pooled } => self
-                    .parent_sender(parent, *pooled, path)
+                Want::Http { reuse } => self
+                    .parent_sender(parent, *reuse, path)
                     .await
                     .map(Opened::Http)
                     .map_err(Attempt::Next),
@@ -313,12 +325,12 @@ impl Connector<'_> {
     async fn origin_sender(
         &self,
         vetted: &Vetted,
-        allow_pooled: bool,
+        reuse: Reuse,
         path: &mut Path,
     ) -> Result<PooledSender, ProxyError> {
-        if allow_pooled {
+        if reuse != Reuse::Fresh {
             for addr in &vetted.addrs {
-                if let Some(conn) = self.pool.checkout(&PoolKey::Origin(*addr)) {
+                if let Some(conn) = self.pool.checkout(&PoolKey::Origin(*addr), reuse) {
                     path.peer = Some(conn.peer);
                     return Ok(conn);
                 }
@@ -338,11 +350,11 @@ impl Connector<'_> {
     async fn parent_sender(
         &self,
         parent: &Parent,
-        allow_pooled: bool,
+        reuse: Reuse,
         path: &mut Path,
     ) -> Result<PooledSender, ParentFailure> {
         let key = PoolKey::Parent(parent.pool_key.clone());
-        if allow_pooled && let Some(conn) = self.pool.checkout(&key) {
+        if let Some(conn) = self.pool.checkout(&key, reuse) {
             path.peer = Some(conn.peer);
             return Ok(conn);
         }

@@ -37,6 +37,24 @@ struct Idle {
     since: Instant,
 }
 
+/// Which idle connection an exchange may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Any live idle one: the request can be sent again should the peer close the
+    /// connection just as the request goes out.
+    Any,
+    /// Only one idle for less than [`RECENT_IDLE`]: the request cannot be sent twice, so it
+    /// does not take a connection that a server's keep-alive timeout may be closing.
+    Recent,
+    /// None: a fresh connection.
+    Fresh,
+}
+
+/// How long a connection may have been idle and still carry a request that cannot be sent
+/// twice. Servers close idle connections after their own keep-alive timeout (gunicorn 2 s,
+/// Node and Apache 5 s); a connection used a moment ago is very unlikely to be closing.
+pub const RECENT_IDLE: Duration = Duration::from_secs(1);
+
 /// A checked-out connection; return it with [`PooledSender::release`].
 pub struct PooledSender {
     pub sender: SendRequest<UpstreamBody>,
@@ -60,12 +78,29 @@ impl Pool {
         })
     }
 
-    /// An idle, ready connection for `key`, if there is one.
-    pub fn checkout(self: &Arc<Self>, key: &PoolKey) -> Option<PooledSender> {
+    /// An idle, ready connection for `key` that `reuse` allows, if there is one (the
+    /// newest first: it is the least likely to be closed by the peer).
+    pub fn checkout(self: &Arc<Self>, key: &PoolKey, reuse: Reuse) -> Option<PooledSender> {
+        let max_idle = match reuse {
+            Reuse::Any => self.idle_timeout,
+            Reuse::Recent => self.idle_timeout.min(RECENT_IDLE),
+            Reuse::Fresh => return None,
+        };
         let mut idle = self.idle.lock();
         let list = idle.get_mut(key)?;
         while let Some(entry) = list.pop() {
-            if entry.since.elapsed() < self.idle_timeout && entry.sender.is_ready() {
+            let idle_for = entry.since.elapsed();
+            if idle_for >= max_idle {
+                // The newest is too old, so are the rest: expired ones go, younger ones wait
+                // for a request that may take them.
+                if idle_for < self.idle_timeout {
+                    list.push(entry);
+                    return None;
+                }
+                list.clear();
+                break;
+            }
+            if entry.sender.is_ready() {
                 return Some(PooledSender {
                     sender: entry.sender,
                     key: key.clone(),
@@ -143,5 +178,65 @@ impl PooledSender {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+
+    /// A live sender over an in-memory pipe; the other end is returned so it stays open.
+    async fn live_sender() -> (SendRequest<UpstreamBody>, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender.ready().await.unwrap();
+        (sender, theirs)
+    }
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:8080".parse().unwrap()
+    }
+
+    /// Put a connection that has been idle for `idle_for`.
+    async fn idle_for(pool: &Arc<Pool>, idle_for: Duration) -> tokio::io::DuplexStream {
+        let (sender, other_end) = live_sender().await;
+        pool.put(PoolKey::Origin(peer()), peer(), sender);
+        let mut idle = pool.idle.lock();
+        let entry = idle
+            .get_mut(&PoolKey::Origin(peer()))
+            .unwrap()
+            .last_mut()
+            .unwrap();
+        entry.since = Instant::now() - idle_for;
+        other_end
+    }
+
+    #[tokio::test]
+    async fn a_request_sent_once_takes_only_a_recently_used_connection() {
+        let pool = Pool::new(4, Duration::from_secs(90));
+        let key = PoolKey::Origin(peer());
+        let _end = idle_for(&pool, Duration::from_secs(3)).await;
+        assert!(pool.checkout(&key, Reuse::Recent).is_none());
+        assert_eq!(pool.idle_count(), 1, "left for a request that may take it");
+        assert!(pool.checkout(&key, Reuse::Fresh).is_none());
+        let taken = pool.checkout(&key, Reuse::Any).expect("any live one");
+        assert!(taken.reused);
+
+        let _end = idle_for(&pool, Duration::from_millis(100)).await;
+        assert!(pool.checkout(&key, Reuse::Recent).is_some());
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_idle_timeout_are_dropped() {
+        let pool = Pool::new(4, Duration::from_secs(5));
+        let key = PoolKey::Origin(peer());
+        let _end = idle_for(&pool, Duration::from_secs(6)).await;
+        assert!(pool.checkout(&key, Reuse::Recent).is_none());
+        assert!(pool.checkout(&key, Reuse::Any).is_none());
+        assert_eq!(pool.idle_count(), 0);
     }
 }

@@ -20,9 +20,12 @@ use hyper::body::Incoming;
 use super::Exchange;
 use super::body::{ClientBody, UpstreamBody};
 use super::headers::{RequestRewrite, rewrite_request, rewrite_response};
+use crate::connect::pool::Reuse;
+use crate::connect::replay::{self, Replay};
 use crate::connect::upstream::{Parent, is_parent_refusal};
 use crate::connect::{HttpConn, Path};
 use crate::error::ProxyError;
+use crate::metrics::UpstreamRetry;
 use crate::net::Interim;
 
 // === impl Exchange ===
@@ -49,17 +52,24 @@ impl Exchange<'_> {
         let connector = self.connector();
         let dst = self.dest();
         let guard = |ip| self.snap.policy.check_address(&self.decision, ip);
+        let reuse = replay::reuse_for(&parts.method, &body);
         let mut path = Path::default();
-        let opened = connector.http(&self.route, &dst, &guard, &mut path).await;
+        let opened = connector
+            .http(&self.route, &dst, &guard, reuse, &mut path)
+            .await;
         self.ctx.set_path(&path);
         let mut conn = opened?;
         let mut request = self.upstream_request(parts, body, conn.parent())?;
 
-        // A pooled connection may have been closed by its peer a moment ago; hyper hands the
-        // request back when it was not sent, and then a fresh connection is tried.
+        // A pooled connection may have been closed by its peer a moment ago. hyper hands the
+        // request back when it was not sent; one that went out and met only the close is
+        // sent again from its copy when it may be (`replay`). Either goes once, on a fresh
+        // connection, which is never retried.
         let timeout = self.snap.config.timeouts.upstream_response_header;
         let response = loop {
             let addr = conn.sender.peer;
+            let copy =
+                (conn.sender.reused && reuse == Reuse::Any).then(|| Replay::capture(&mut request));
             let sent = await_response(
                 conn.sender.sender.try_send_request(request),
                 &self.ctx.bytes_from_client,
@@ -70,22 +80,26 @@ impl Exchange<'_> {
                 connector.finished(&conn, false);
                 return Err(response_timeout(&conn, addr, timeout));
             };
-            match sent {
+            let mut err = match sent {
                 Ok(response) => break response,
-                Err(mut err) => match err.take_message() {
-                    Some(unsent) if conn.sender.reused => {
-                        request = unsent;
-                        let reopened = connector.reopen(&mut conn, &mut path).await;
-                        self.ctx.set_path(&path);
-                        reopened?;
-                        set_parent_auth(&mut request, conn.parent().map(|p| &**p));
-                    }
-                    _ => {
-                        connector.finished(&conn, false);
-                        return Err(upstream_error(addr, &err.into_error(), timeout));
-                    }
-                },
-            }
+                Err(err) => err,
+            };
+            let again = match err.take_message() {
+                Some(unsent) if conn.sender.reused => Some((unsent, UpstreamRetry::Unsent)),
+                None if replay::closed_before_response(err.error()) => copy
+                    .and_then(Replay::into_request)
+                    .map(|copy| (copy, UpstreamRetry::Closed)),
+                _ => None,
+            };
+            let Some((again, why)) = again else {
+                connector.finished(&conn, false);
+                return Err(upstream_error(addr, &err.into_error(), timeout));
+            };
+            request = again;
+            let reopened = connector.reopen(&mut conn, why, &mut path).await;
+            self.ctx.set_path(&path);
+            reopened?;
+            set_parent_auth(&mut request, conn.parent().map(|p| &**p));
         };
 
         if let Some(parent) = conn.parent()

@@ -158,6 +158,17 @@ fi
 kill -TERM "${pids[1]}"
 wait "${pids[1]}" 2>/dev/null || true
 
+scored=0
 node "$here/score.mjs" --suite "$work/suite" --results "$work/results.json" \
   --access-log "$work/access.log" --origin "http://127.0.0.1:$origin_port" \
-  --baseline "$here/baseline.json" ${record:+--record}
+  --baseline "$here/baseline.json" ${record:+--record} || scored=$?
+if [ "$scored" -ne 0 ] && grep -q '^ERROR' "$work/cli.log"; then
+  # A setup failure is the suite's own request failing (its PUT /config, say): show what
+  # the client got, and Kalmar's access-log line for each such test.
+  echo "--- the suite's client reported:"
+  grep '^ERROR' "$work/cli.log" | head -20
+  for uuid in $(grep '^ERROR' "$work/cli.log" | awk '{print $2}' | head -20); do
+    grep -F "$uuid" "$work/access.log" | head -3 || true
+  done
+fi
+exit "$scored"

@@ -416,3 +416,22 @@ pub fn have_tool(tool: &str, install: &str) -> bool {
     }
     found
 }
+
+/// The sum of the samples of `name` carrying every one of `labels` (text exposition format).
+pub fn metric(kalmar: &Kalmar, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = kalmar.handle().metrics().encode();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let wanted = labels
+                .iter()
+                .all(|(k, v)| label_text.split(',').any(|p| p == format!("{k}=\"{v}\"")));
+            (metric == name && wanted).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
