@@ -10,7 +10,7 @@ else (fresh instance per repetition, interleaving, pinning, accounting, checks, 
 peerbench's unchanged code.
 
     pbx.py [--extra NAME ADDR LOG CMD]... [--squid-extra NAME PORT TEMPLATE]...
-           [--render-squid NAME PORT TEMPLATE]... [--nginx-template FILE] [--probe]
+           [--render-squid NAME PORT TEMPLATE]... [--nginx-template FILE] [--probe] [--rotate]
            -- <peerbench.py options>
 
 --extra          another command-line proxy (like --proxy-cmd); LOG may be '-' (none)
@@ -19,6 +19,9 @@ peerbench's unchanged code.
 --render-squid   only render such a Squid config into <workdir>/NAME/squid.conf (for a Squid
                  that a --extra command starts itself, e.g. a parent proxy in a chain)
 --nginx-template origin template to use instead of peerbench's conf/nginx.conf.tmpl
+--rotate         start each repetition one proxy later (rep 1: A B C, rep 2: B C A, ...), so that
+                 no proxy always runs right after the same one: on this VM the slot in the
+                 sequence moved a Kalmar-vs-Kalmar comparison by ~8% (results/retry/)
 --probe          wrap the bulk and connect workloads with probe.py's peer-side counters (what the
                  proxy's relaying costs the client and the origin); probe_report.py tabulates them
 """
@@ -55,6 +58,20 @@ def port_free(addr):
     raise RuntimeError(f"something already listens on {addr[0]}:{addr[1]}; a stale proxy would be measured")
 
 
+class Rotating(list):
+    """The proxy list for --rotate. peerbench's main() walks the list once for its preflight and
+    then once per repetition; every walk after the first starts one proxy further on."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.walks = 0
+
+    def __iter__(self):
+        shift = max(self.walks - 1, 0) % max(len(self), 1)
+        self.walks += 1
+        return iter(list.__getitem__(self, slice(shift, None)) + list.__getitem__(self, slice(0, shift)))
+
+
 def main():
     argv = sys.argv[1:]
     if "--" in argv:
@@ -69,6 +86,8 @@ def main():
     ap.add_argument("--nginx-template")
     ap.add_argument("--probe", action="store_true",
                     help="add the peer-side counters of probe.py to bulk and connect (raw.jsonl 'probe')")
+    ap.add_argument("--rotate", action="store_true",
+                    help="rotate the proxies' order by one every repetition")
     x = ap.parse_args(mine)
 
     if x.probe:
@@ -114,7 +133,7 @@ def main():
         for spec in specs:
             if spec.argv and spec.prepare is None:
                 spec.prepare = lambda addr=spec.addr: port_free(addr)
-        return specs
+        return Rotating(specs) if x.rotate else specs
     pb.build_specs = build_specs
 
     sys.argv = [os.path.join(PB_DIR, "peerbench.py")] + rest

@@ -20,7 +20,8 @@
 #  6 ab     two Kalmar builds or configurations in one interleaved run, + direct + squid:
 #           A = $KALMAR_A (binary, default $BIN) with env $KALMAR_A_ENV, named $A_NAME;
 #           B = $BIN with env $KALMAR_B_ENV, named $B_NAME; workloads $AB_WORKLOADS
-#           (http,connect), $AB_REPS repetitions (5). Not in the default set.
+#           (http,connect), $AB_REPS repetitions (5), the order rotated every repetition
+#           (pbx.py --rotate). Not in the default set.
 #           e.g. before/after a change:  KALMAR_A=/path/old-kalmar A_NAME=before B_NAME=after run.sh ab
 #                a config switch:        KALMAR_A_ENV=KALMAR_TLS__PORTS= A_NAME=tls-off B_NAME=tls-on \
 #                                        AB_WORKLOADS=connect,bulk run.sh ab
@@ -120,7 +121,7 @@ for run in "${RUNS[@]}"; do
         ;;
     ab)
         la="$WORKDIR/kalmar-a-access.log" lb="$WORKDIR/kalmar-b-access.log"; rm -f "$la" "$lb"
-        python3 "$HERE/pbx.py" \
+        python3 "$HERE/pbx.py" --rotate \
             --extra "${A_NAME:-kalmar-a}" "$ADDR" "$la" \
             "$(kcmd "$KCONF" "$la" "${KALMAR_A_ENV:-}" "${KALMAR_A:-$BIN}")" -- \
             --proxies direct,squid --proxy-name "${B_NAME:-kalmar-b}" \
@@ -144,7 +145,7 @@ for run in "${RUNS[@]}"; do
             args+=(--extra "$name" "$ADDR" "$log" "$(kcmd "$KCONF" "$log" "$envs" "$bin")")
         done
         reps="${TUNNEL_REPS:-5}"
-        python3 "$HERE/pbx.py" --probe "${args[@]}" -- --proxies "${TUNNEL_PEERS-direct,squid,g3proxy}" \
+        python3 "$HERE/pbx.py" --probe --rotate "${args[@]}" -- --proxies "${TUNNEL_PEERS-direct,squid,g3proxy}" \
             --workloads "${TUNNEL_WORKLOADS:-bulk,connect,http}" --reps "$reps" --bulk-reps "$reps" \
             --bulk-downloads "${TUNNEL_DOWNLOADS:-10}" --duration "${TUNNEL_DURATION:-10}" \
             --workdir "$WORKDIR" --out "$OUT/tunnel"

@@ -10,7 +10,7 @@ use std::error::Error as _;
 use std::io;
 use std::sync::Arc;
 
-use http::{Extensions, HeaderMap, Method, Request, Uri, Version};
+use http::{HeaderMap, Method, Request, Uri, Version};
 use http_body::Body;
 
 use super::body::{BodyCopy, UpstreamBody};
@@ -34,13 +34,13 @@ pub fn reuse_for(method: &Method, body: &UpstreamBody) -> Reuse {
     }
 }
 
-/// The head of a request as it went upstream, and a recording of its body.
+/// The head of a request as it went upstream (not its extensions: the caller hooks again
+/// what it hooked into the first one), and a recording of its body.
 pub struct Replay {
     method: Method,
     uri: Uri,
     version: Version,
     headers: HeaderMap,
-    extensions: Extensions,
     /// `None`: the body had nothing to send.
     body: Option<Arc<BodyCopy>>,
 }
@@ -56,7 +56,6 @@ impl Replay {
             uri: request.uri().clone(),
             version: request.version(),
             headers: request.headers().clone(),
-            extensions: request.extensions().clone(),
             body: request.body_mut().record(REPLAY_LIMIT),
         }
     }
@@ -73,7 +72,6 @@ impl Replay {
         *request.uri_mut() = self.uri;
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers;
-        *request.extensions_mut() = self.extensions;
         Some(request)
     }
 }

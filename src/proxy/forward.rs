@@ -59,7 +59,11 @@ impl Exchange<'_> {
             .await;
         self.ctx.set_path(&path);
         let mut conn = opened?;
+        let interim = parts.extensions.get::<Interim>().cloned();
         let mut request = self.upstream_request(parts, body, conn.parent())?;
+        if let Some(interim) = &interim {
+            forward_interim(&mut request, interim);
+        }
 
         // A pooled connection may have been closed by its peer a moment ago. hyper hands the
         // request back when it was not sent; one that went out and met only the close is
@@ -91,10 +95,15 @@ impl Exchange<'_> {
                     .map(|copy| (copy, UpstreamRetry::Closed)),
                 _ => None,
             };
-            let Some((again, why)) = again else {
+            let Some((mut again, why)) = again else {
                 connector.finished(&conn, false);
                 return Err(upstream_error(addr, &err.into_error(), timeout));
             };
+            if why == UpstreamRetry::Closed
+                && let Some(interim) = &interim
+            {
+                forward_interim(&mut again, interim);
+            }
             request = again;
             let reopened = connector.reopen(&mut conn, why, &mut path).await;
             self.ctx.set_path(&path);
@@ -147,19 +156,20 @@ impl Exchange<'_> {
             None => self.target.origin_form(),
         };
         parts.version = Version::HTTP_11;
-        let interim = parts.extensions.get::<Interim>().cloned();
         let mut request = Request::from_parts(parts, body);
-        if let Some(interim) = interim {
-            // The origin's 1xx answers go to the client ahead of the final response.
-            hyper::ext::on_informational(&mut request, move |res| {
-                interim.push(res.status(), res.headers())
-            });
-        }
         if parent.is_some() {
             set_parent_auth(&mut request, parent.map(|p| &**p));
         }
         Ok(request)
     }
+}
+
+/// The origin's 1xx answers go to the client ahead of the final response.
+fn forward_interim(request: &mut Request<UpstreamBody>, interim: &Interim) {
+    let interim = interim.clone();
+    hyper::ext::on_informational(request, move |res| {
+        interim.push(res.status(), res.headers())
+    });
 }
 
 /// `Proxy-Authorization` for the parent the request goes to (none to an origin: the
