@@ -126,8 +126,27 @@ fn connect_tunnel_open_close(c: &mut Criterion) {
     kalmar.shutdown();
 }
 
+/// What a GET on a kept-alive connection pays for being retriable: the copy of its head that
+/// `connect::replay` keeps while it is sent (and drops when the answer comes).
+fn replay_capture(c: &mut Criterion) {
+    use kalmar::connect::body::UpstreamBody;
+    use kalmar::connect::replay::Replay;
+    let mut req = hyper::Request::get("/1k")
+        .header("host", "127.0.0.1:18080")
+        .header("user-agent", "wrk")
+        .header("accept", "*/*")
+        .header("via", "1.1 kalmar")
+        .header("x-request-id", "5f770520-0000000440")
+        .body(UpstreamBody::Empty)
+        .unwrap();
+    c.bench_function("replay_capture_get", |b| {
+        b.iter(|| std::hint::black_box(Replay::capture(&mut req)))
+    });
+}
+
 criterion_group!(
     benches,
+    replay_capture,
     forward_http1_get_1kb,
     connect_tunnel_bulk_64mb,
     connect_tunnel_open_close

@@ -26,10 +26,15 @@ pub enum UpstreamBody {
         copy: Option<Arc<BodyCopy>>,
     },
     /// A client body recorded by a [`BodyCopy`], sent a second time (already counted).
-    Replayed {
-        data: VecDeque<Bytes>,
-        trailers: Option<HeaderMap>,
-    },
+    /// Boxed: the rare case should not grow every request that carries the type.
+    Replayed(Box<Recorded>),
+}
+
+/// A recorded body: its data frames in order, and its trailers.
+#[derive(Default)]
+pub struct Recorded {
+    data: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
 }
 
 /// The frames of a request body as they went upstream, up to a limit, for sending the body
@@ -41,8 +46,7 @@ pub struct BodyCopy {
 
 #[derive(Default)]
 struct CopyState {
-    data: VecDeque<Bytes>,
-    trailers: Option<HeaderMap>,
+    recorded: Recorded,
     len: u64,
     ended: bool,
     /// Past the limit, or the client's body failed: there is nothing to send again.
@@ -103,9 +107,9 @@ impl Body for UpstreamBody {
                 }
                 polled
             }
-            UpstreamBody::Replayed { data, trailers } => Poll::Ready(match data.pop_front() {
+            UpstreamBody::Replayed(body) => Poll::Ready(match body.data.pop_front() {
                 Some(bytes) => Some(Ok(Frame::data(bytes))),
-                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+                None => body.trailers.take().map(|t| Ok(Frame::trailers(t))),
             }),
         }
     }
@@ -114,7 +118,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => true,
             UpstreamBody::Client { inner, .. } => inner.is_end_stream(),
-            UpstreamBody::Replayed { data, trailers } => data.is_empty() && trailers.is_none(),
+            UpstreamBody::Replayed(body) => body.data.is_empty() && body.trailers.is_none(),
         }
     }
 
@@ -122,8 +126,8 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
             UpstreamBody::Client { inner, .. } => inner.size_hint(),
-            UpstreamBody::Replayed { data, .. } => {
-                SizeHint::with_exact(data.iter().map(|b| b.len() as u64).sum())
+            UpstreamBody::Replayed(body) => {
+                SizeHint::with_exact(body.data.iter().map(|b| b.len() as u64).sum())
             }
         }
     }
@@ -152,9 +156,9 @@ impl BodyCopy {
                         };
                         return;
                     }
-                    state.data.push_back(data.clone());
+                    state.recorded.data.push_back(data.clone());
                 } else if let Some(trailers) = frame.trailers_ref() {
-                    state.trailers = Some(trailers.clone());
+                    state.recorded.trailers = Some(trailers.clone());
                 }
                 state.ended |= ended;
             }
@@ -167,7 +171,20 @@ impl BodyCopy {
         if !state.ended || state.spoiled {
             return None;
         }
-        let CopyState { data, trailers, .. } = std::mem::take(&mut *state);
-        Some(UpstreamBody::Replayed { data, trailers })
+        let recorded = std::mem::take(&mut state.recorded);
+        Some(UpstreamBody::Replayed(Box::new(recorded)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every request moves its body through hyper a few times: the rare replayed body is
+    /// boxed so that it does not make every one larger than the client's body itself.
+    #[test]
+    fn a_body_is_no_larger_than_the_clients_body_and_two_pointers() {
+        let client = std::mem::size_of::<Incoming>() + std::mem::size_of::<Arc<AtomicU64>>();
+        assert!(std::mem::size_of::<UpstreamBody>() <= client + 16);
     }
 }
