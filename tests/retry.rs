@@ -24,7 +24,7 @@ struct Seen {
 
 /// An origin whose first connection answers one request and then reads the next one whole
 /// and resets the connection without a word. Every later connection answers every request
-/// with `METHOD BODY`.
+/// with `METHOD BODY`, after a 103 Early Hints when the path asks for `/hints`.
 struct ClosingOrigin {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -66,7 +66,7 @@ impl ClosingOrigin {
 async fn serve(mut stream: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) {
     let mut buf = Vec::new();
     for n in 0.. {
-        let Some((method, body)) = read_request(&mut stream, &mut buf).await else {
+        let Some((method, target, body)) = read_request(&mut stream, &mut buf).await else {
             return;
         };
         log.lock().push(Seen {
@@ -78,6 +78,14 @@ async fn serve(mut stream: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) {
             // SO_LINGER 0: the close is a reset, as when a server's timer closes a socket
             // that data has just arrived on.
             let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            return;
+        }
+        if target == "/hints"
+            && stream
+                .write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+                .await
+                .is_err()
+        {
             return;
         }
         let mut answer = method.into_bytes();
@@ -95,9 +103,12 @@ async fn serve(mut stream: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) {
     }
 }
 
-/// One request head and its Content-Length body from `stream` (`buf` keeps what was read
-/// past it); `None` at end of stream.
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+/// One request's method, target and Content-Length body from `stream` (`buf` keeps what was
+/// read past it); `None` at end of stream.
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(String, String, Vec<u8>)> {
     let mut chunk = [0u8; 16 * 1024];
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -109,7 +120,9 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(Stri
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let method = head.split(' ').next().unwrap_or_default().to_string();
+    let mut words = head.split(' ');
+    let method = words.next().unwrap_or_default().to_string();
+    let target = words.next().unwrap_or_default().to_string();
     let length: usize = head
         .lines()
         .find_map(|l| {
@@ -126,7 +139,7 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(Stri
     }
     let body = buf[head_end..head_end + length].to_vec();
     buf.drain(..head_end + length);
-    Some((method, body))
+    Some((method, target, body))
 }
 
 fn retries(kalmar: &Kalmar, reason: &str) -> f64 {
@@ -195,6 +208,26 @@ async fn a_put_is_sent_again_with_its_whole_body() {
         "the same request, byte for byte"
     );
     assert_eq!(seen[2].conn, 1);
+    assert_eq!(retries(&kalmar, "closed"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origins_early_hints_reach_the_client_on_the_second_try() {
+    let (origin, kalmar, _client) = primed().await;
+    let dump = kalmar.dir.path().join("headers.txt");
+    let (code, out, err) = curl(&[
+        "-sS",
+        "-x",
+        &kalmar.url(),
+        "-D",
+        dump.to_str().unwrap(),
+        &origin.url("/hints"),
+    ]);
+    assert_eq!((code, out.as_str()), (0, "GET "), "{err}");
+    let heads = std::fs::read_to_string(&dump).unwrap().to_ascii_lowercase();
+    assert!(heads.starts_with("http/1.1 103"), "{heads}");
+    assert!(heads.contains("link: </a.css>; rel=preload"), "{heads}");
+    assert!(heads.contains("http/1.1 200"), "{heads}");
     assert_eq!(retries(&kalmar, "closed"), 1.0);
 }
 
