@@ -76,10 +76,16 @@ impl Replay {
     }
 }
 
+/// Whether hyper says the connection ended before a whole response head came (a clean
+/// close; a reset is an I/O error, see [`closed_before_response`]).
+pub fn ended_before_response(error: &hyper::Error) -> bool {
+    error.is_incomplete_message() || error.is_closed() || error.is_canceled()
+}
+
 /// Whether `error` says the peer closed or reset the connection before a whole response
 /// head came: the request may not have been seen at all.
 pub fn closed_before_response(error: &hyper::Error) -> bool {
-    if error.is_incomplete_message() || error.is_closed() || error.is_canceled() {
+    if ended_before_response(error) {
         return true;
     }
     error

@@ -230,7 +230,7 @@ async fn await_response<F: std::future::Future>(
 fn upstream_error(addr: SocketAddr, e: &hyper::Error, timeout: std::time::Duration) -> ProxyError {
     if e.is_timeout() {
         ProxyError::ResponseTimeout { addr, timeout }
-    } else if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+    } else if replay::ended_before_response(e) {
         ProxyError::BadResponse {
             addr,
             reason: "connection closed before a complete response head".into(),
